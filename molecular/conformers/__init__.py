@@ -1,0 +1,63 @@
+"""Conformer ensembles, metrics (COV/MAT as torsional diffusion / ET-Flow), validity checks and writers."""
+
+from .data import (
+    NUM_ATOM_FEATURES,
+    NUM_BOND_TYPES,
+    QUICKSTART_SMILES,
+    ConformerDataset,
+    MolBatch,
+    MoleculeRecord,
+    collate_molecules,
+    conformer_datamodule,
+    featurize,
+    make_record,
+)
+from .generate import (
+    SUPPORTED_ELEMENTS,
+    check_elements,
+    conformer_mols,
+    etkdg_conformers,
+    mol_from_smiles,
+    prune_conformers,
+    reference_ensemble,
+    xtb_energy,
+    xtb_relax,
+)
+from .io import write_extxyz, write_sdf
+from .metrics import DELTA_DRUGS, DELTA_QM9, aggregate_stats, best_rmsd, coverage_stats, default_delta, rmsd_matrix
+from .validity import keeps_bond_graph, sanitises_to_same, validity_stats, with_coordinates
+
+__all__ = [
+    "NUM_ATOM_FEATURES",
+    "NUM_BOND_TYPES",
+    "QUICKSTART_SMILES",
+    "SUPPORTED_ELEMENTS",
+    "DELTA_DRUGS",
+    "DELTA_QM9",
+    "ConformerDataset",
+    "MolBatch",
+    "MoleculeRecord",
+    "aggregate_stats",
+    "best_rmsd",
+    "check_elements",
+    "collate_molecules",
+    "conformer_datamodule",
+    "conformer_mols",
+    "coverage_stats",
+    "default_delta",
+    "etkdg_conformers",
+    "featurize",
+    "keeps_bond_graph",
+    "make_record",
+    "mol_from_smiles",
+    "prune_conformers",
+    "reference_ensemble",
+    "rmsd_matrix",
+    "sanitises_to_same",
+    "validity_stats",
+    "with_coordinates",
+    "write_extxyz",
+    "write_sdf",
+    "xtb_energy",
+    "xtb_relax",
+]
