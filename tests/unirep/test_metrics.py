@@ -1,0 +1,246 @@
+"""unirep.metrics against dense, independent definitions (platonic-rep formulas written out) and invariances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unirep import metrics as M
+
+
+def _data(n: int = 120, da: int = 12, db: int = 9, seed: int = 0, noise: float = 0.7) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 6, generator=g)
+    a = z @ torch.randn(6, da, generator=g) + noise * torch.randn(n, da, generator=g) + 0.3
+    b = torch.tanh(z @ torch.randn(6, db, generator=g)) + noise * torch.randn(n, db, generator=g)
+    return a, b
+
+
+# -- dense references (float64, full n x n matrices) ----------------------------------------------------------
+def _hsic_biased_dense(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    return torch.trace(k @ h @ m @ h)
+
+
+def _hsic_unbiased_dense(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    kt, lt = k.clone().fill_diagonal_(0), m.clone().fill_diagonal_(0)
+    val = (kt * lt.T).sum() + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2 * (kt @ lt).sum() / (n - 2)
+    return val / (n * (n - 3))
+
+
+def _kernel(x: torch.Tensor, kind: str, sigma: float = 1.0) -> torch.Tensor:
+    x = x.double()
+    if kind == "linear":
+        return x @ x.T
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    return torch.exp(-d2 / (2 * sigma**2))
+
+
+def _cka_dense(a, b, kind="linear", sigma=1.0, unbiased=False) -> float:
+    k, m = _kernel(a, kind, sigma), _kernel(b, kind, sigma)
+    h = _hsic_unbiased_dense if unbiased else _hsic_biased_dense
+    return float(h(k, m) / torch.sqrt(h(k, k) * h(m, m)))
+
+
+def _knn_loop(x: torch.Tensor, k: int) -> list[set[int]]:
+    x = x.double()
+    out = []
+    for i in range(x.shape[0]):
+        sims = [(float(x[i] @ x[j]), j) for j in range(x.shape[0]) if j != i]
+        sims.sort(reverse=True)
+        out.append({j for _, j in sims[:k]})
+    return out
+
+
+def _cknna_dense(a, b, topk, eps: float = 0.0) -> float:
+    """platonic-rep's cknna (unbiased branch) written densely."""
+    k_, l_ = _kernel(a, "linear"), _kernel(b, "linear")
+    n = k_.shape[0]
+
+    def sim(k, m):
+        kh = k.clone().fill_diagonal_(float("-inf"))
+        lh = m.clone().fill_diagonal_(float("-inf"))
+        mk = torch.zeros(n, n, dtype=torch.float64).scatter_(1, torch.topk(kh, topk, dim=1).indices, 1)
+        ml = torch.zeros(n, n, dtype=torch.float64).scatter_(1, torch.topk(lh, topk, dim=1).indices, 1)
+        mask = mk * ml
+        return _hsic_unbiased_dense(mask * k, mask * m)
+
+    return float(sim(k_, l_) / (torch.sqrt(sim(k_, k_) * sim(l_, l_)) + eps))
+
+
+def _orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.float()
+
+
+# -- equality with the definitions ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,sigma", [("linear", 1.0), ("rbf", 3.0)])
+def test_cka_matches_dense_definition(kind, sigma):
+    a, b = _data()
+    assert M.cka(a, b, kernel=kind, sigma=sigma) == pytest.approx(_cka_dense(a, b, kind, sigma), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,sigma", [("linear", 1.0), ("rbf", 3.0)])
+def test_unbiased_cka_matches_dense_definition(kind, sigma):
+    a, b = _data(seed=1)
+    ref = _cka_dense(a, b, kind, sigma, unbiased=True)
+    assert M.unbiased_cka(a, b, kernel=kind, sigma=sigma) == pytest.approx(ref, abs=1e-6)
+
+
+def test_linear_cka_gram_path_when_features_wider_than_items():
+    # d > n switches to chunked Gram rows instead of d x d feature products: same value
+    a, b = _data(n=20, da=40, db=30, seed=2)
+    assert M.cka(a, b) == pytest.approx(_cka_dense(a, b), abs=1e-5)
+    assert M.unbiased_cka(a, b) == pytest.approx(_cka_dense(a, b, unbiased=True), abs=1e-5)
+
+
+def test_chunking_does_not_change_values(monkeypatch):
+    a, b = _data(n=90, seed=3)
+    full = (M.cka(a, b, "rbf", 2.0), M.unbiased_cka(a, b, "rbf", 2.0), M.cknna(a, b, 5), M.mutual_knn(a, b, 5))
+    monkeypatch.setattr(M, "_CHUNK_ENTRIES", 7 * 90)  # 7 rows per chunk, last chunk partial
+    chunked = (M.cka(a, b, "rbf", 2.0), M.unbiased_cka(a, b, "rbf", 2.0), M.cknna(a, b, 5), M.mutual_knn(a, b, 5))
+    assert chunked == pytest.approx(full, abs=1e-9)
+
+
+def test_mutual_knn_matches_loop_definition():
+    a, b = _data(n=60, seed=4)
+    k = 5
+    na, nb = _knn_loop(a, k), _knn_loop(b, k)
+    ref = sum(len(x & y) for x, y in zip(na, nb, strict=True)) / (k * len(na))
+    assert M.mutual_knn(a, b, topk=k) == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("topk", [3, 10])
+def test_cknna_matches_dense_anchor_formula(topk):
+    a, b = _data(n=80, seed=5)
+    a, b = M.prepare_features(a), M.prepare_features(b)
+    assert M.cknna(a, b, topk=topk) == pytest.approx(_cknna_dense(a, b, topk), abs=1e-6)
+
+
+def test_eps_reproduces_anchor_denominator():
+    # platonic-rep divides by sqrt(.) + 1e-6; eps=1e-6 gives its numbers, eps=0 the scale-free definition
+    a, b = _data(n=50, seed=6)
+    a, b = M.prepare_features(a), M.prepare_features(b)
+    guarded = M.cknna(a, b, 5, eps=1e-6)
+    assert guarded == pytest.approx(_cknna_dense(a, b, 5, eps=1e-6), abs=1e-7)
+    assert guarded != M.cknna(a, b, 5)
+    k, m = _kernel(a, "linear"), _kernel(b, "linear")
+    h = _hsic_biased_dense
+    assert M.cka(a, b, eps=1e-6) == pytest.approx(float(h(k, m) / (torch.sqrt(h(k, k) * h(m, m)) + 1e-6)), abs=1e-9)
+
+
+def test_svcca_matches_sklearn_cca_route():
+    # the anchor: standardise, top-dim left singular vectors, sklearn CCA, mean correlation of the variates
+    from sklearn.cross_decomposition import CCA
+
+    a, b = _data(n=300, seed=7)
+    dim = 4
+
+    def basis(x):
+        x = x.double()
+        x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+        return torch.linalg.svd(x, full_matrices=False)[0][:, :dim].numpy()
+
+    ua, ub = basis(a), basis(b)
+    cca = CCA(n_components=dim, max_iter=5000, tol=1e-12).fit(ua, ub)
+    xa, xb = cca.transform(ua, ub)
+    ref = np.mean([np.corrcoef(xa[:, i], xb[:, i])[0, 1] for i in range(dim)])
+    assert M.svcca(a, b, dim=dim) == pytest.approx(ref, abs=1e-4)
+
+
+# -- invariances and closed forms -----------------------------------------------------------------------------
+def test_cka_invariant_to_orthogonal_maps_and_isotropic_scaling():
+    a, b = _data(seed=8)
+    q = _orthogonal(a.shape[1], 1)
+    base = M.cka(a, b)
+    assert M.cka(a @ q * 7.5, b) == pytest.approx(base, abs=1e-6)
+    assert M.cka(a, 0.01 * b) == pytest.approx(base, abs=1e-6)
+    assert M.unbiased_cka(a @ q * 3.0, b) == pytest.approx(M.unbiased_cka(a, b), abs=1e-6)
+    assert M.cka(a, a @ q) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cka_symmetric_and_bounded():
+    a, b = _data(seed=9)
+    v = M.cka(a, b)
+    assert 0.0 < v < 1.0 and M.cka(b, a) == pytest.approx(v, abs=1e-12)
+    assert M.cka(a, b, "rbf", 2.0) == pytest.approx(M.cka(b, a, "rbf", 2.0), abs=1e-12)
+
+
+def test_mutual_knn_identical_is_one_and_independent_is_chance():
+    g = torch.Generator().manual_seed(10)
+    n, k = 800, 10
+    a = M.prepare_features(torch.randn(n, 64, generator=g))
+    b = M.prepare_features(torch.randn(n, 64, generator=g))
+    assert M.mutual_knn(a, a, topk=k) == 1.0
+    # independent neighbourhoods: each of b's k neighbours is in a's list with probability k/(n-1), so the mean
+    # is k/(n-1) = 0.0125; the per-item overlap is ~hypergeometric with variance ~k p (1-p) / k^2 = 1.2e-3, so
+    # the mean over n items has a standard deviation ~sqrt(1.2e-3 / n) = 1.2e-3: 0.006 is five of them
+    assert M.mutual_knn(a, b, topk=k) == pytest.approx(k / (n - 1), abs=0.006)
+
+
+def test_svcca_one_for_invertible_linear_maps():
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(200, 8, generator=g)
+    m = torch.randn(8, 8, generator=g) + 3 * torch.eye(8)
+    assert M.svcca(a, a @ m + 2.0, dim=8) == pytest.approx(1.0, abs=1e-6)
+    # rank-dim data: the top-dim subspaces coincide for any invertible map, whatever d
+    z = torch.randn(200, 5, generator=g)
+    x = z @ torch.randn(5, 12, generator=g)
+    y = x @ (torch.randn(12, 12, generator=g) + 3 * torch.eye(12))
+    assert M.svcca(x, y, dim=5) == pytest.approx(1.0, abs=1e-6)
+    assert M.svcca(a, torch.randn(200, 8, generator=g), dim=8) < 0.5
+
+
+def test_cknna_identical_is_one():
+    a, _ = _data(n=70, seed=12)
+    assert M.cknna(a, a, topk=6) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_prepare_features_quantile_clamp_and_norm():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(50, 40, generator=g)
+    q_rows = torch.quantile(x.abs(), 0.95, dim=1).mean()
+    ref = torch.nn.functional.normalize(x.clamp(-q_rows, q_rows), dim=-1)
+    assert torch.allclose(M.prepare_features(x), ref)
+    flat = x.abs().flatten().sort().values
+    q_exact = flat[int(0.95 * flat.numel())]
+    assert torch.allclose(M.prepare_features(x, exact=True, normalize=False), x.clamp(-q_exact, q_exact))
+    assert torch.equal(M.prepare_features(x, clamp_quantile=1.0, normalize=False), x)
+    three = M.prepare_features(torch.randn(10, 3, 8, generator=g))
+    assert torch.allclose(three.norm(dim=-1), torch.ones(10, 3))
+
+
+def test_pairwise_alignment_finds_the_matching_layer():
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(150, 16, generator=g)
+    layers_a = [torch.randn(150, 16, generator=g), base, torch.randn(150, 16, generator=g)]
+    layers_b = torch.stack([torch.randn(150, 16, generator=g), base @ _orthogonal(16, 2)], dim=1)  # [n, L, d]
+    best, (i, j), scores = M.pairwise_alignment(layers_a, layers_b, "cka")
+    assert (i, j) == (1, 1) and best == pytest.approx(1.0, abs=1e-5)
+    assert scores.shape == (3, 2) and float(scores.max()) == best
+    best_knn, ij, _ = M.pairwise_alignment(layers_a, layers_b, metric="mutual_knn", topk=5)
+    assert ij == (1, 1) and best_knn == pytest.approx(1.0)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_problem():
+    a, b = _data(n=30)
+    with pytest.raises(ValueError, match="same items"):
+        M.cka(a, b[:20])
+    with pytest.raises(ValueError, match="NaN"):
+        M.cka(a, b.clone().fill_(math.nan))
+    with pytest.raises(ValueError, match="topk"):
+        M.cknna(a, b, topk=1)
+    with pytest.raises(ValueError, match="2-D"):
+        M.mutual_knn(a[None], b[None])
+    with pytest.raises(ValueError, match="degenerate"):
+        M.cka(torch.ones(30, 4), b)
+    with pytest.raises(ValueError, match="kernel"):
+        M.cka(a, b, kernel="poly")
+    with pytest.raises(ValueError, match="unknown metric"):
+        M.pairwise_alignment([a], [b], metric="cca")
