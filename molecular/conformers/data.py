@@ -17,6 +17,8 @@ import torch
 from rdkit import Chem
 from torch import Tensor
 
+from unirep.tokens import TokenSet
+
 from .generate import SUPPORTED_ELEMENTS, mol_from_smiles, reference_ensemble
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
 ]
 
 _ELEMENT_INDEX = {s: i for i, s in enumerate(SUPPORTED_ELEMENTS)}
+_ATOMIC_NUMBERS = [Chem.GetPeriodicTable().GetAtomicNumber(s) for s in SUPPORTED_ELEMENTS]
 _CHARGES = (-1, 0, 1)
 _HYBRID = (Chem.HybridizationType.SP, Chem.HybridizationType.SP2, Chem.HybridizationType.SP3)
 # element one-hot | charge one-hot | aromatic | hybridisation one-hot (sp, sp2, sp3, other) | in ring
@@ -134,6 +137,7 @@ class MolBatch:
     num_graphs: int
     mol_index: Tensor  # [B] index of each graph's molecule in its data set
     smiles: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # "<smiles>#<conformer>" per graph (teacher-feature cache keys)
 
     def to(self, device) -> MolBatch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -146,14 +150,32 @@ class MolBatch:
     def counts(self) -> Tensor:
         return torch.bincount(self.batch, minlength=self.num_graphs)
 
+    def tokens(self, x: Tensor) -> TokenSet:
+        """Per-atom features ``x[T, D]`` as a :class:`TokenSet` over this batch's molecules."""
+        return TokenSet(x, self.batch, self.pos, self.num_graphs)
 
-def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int]]) -> MolBatch:
-    """Collate ``(record, pos[N, 3], mol_index)`` triples into one :class:`MolBatch`."""
+    def graph_batch(self, r_max: float, pos: Tensor | None = None):
+        """The same structures (at ``pos``, default ``self.pos``) as a :class:`molecular.data.GraphBatch` with a
+        radius graph of ``r_max`` Å: the input of the atomistic teachers and of the local autoencoder."""
+        from molecular.data import AtomicGraph, Structure, collate_graphs
+
+        pos = self.pos if pos is None else pos
+        numbers = torch.tensor([_ATOMIC_NUMBERS[int(i)] for i in self.atom_types.cpu()], dtype=torch.long)
+        graphs = []
+        for g in range(self.num_graphs):
+            m = (self.batch == g).cpu()
+            s = Structure(numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(), id=self.ids[g] if self.ids else "")
+            graphs.append(AtomicGraph.from_structure(s, r_max))
+        return collate_graphs(graphs).to(self.pos.device)
+
+
+def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int, int]]) -> MolBatch:
+    """Collate ``(record, pos[N, 3], mol_index, conformer_index)`` items into one :class:`MolBatch`."""
     if not items:
         raise ValueError("cannot collate an empty list of molecules")
     offset = 0
-    types, feats, pos, batch, bidx, btyp, midx, smiles = [], [], [], [], [], [], [], []
-    for g, (rec, p, mi) in enumerate(items):
+    types, feats, pos, batch, bidx, btyp, midx, smiles, ids = [], [], [], [], [], [], [], [], []
+    for g, (rec, p, mi, ci) in enumerate(items):
         n = rec.num_atoms
         types.append(rec.atom_types)
         feats.append(rec.atom_features)
@@ -163,6 +185,7 @@ def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int]]) -> Mo
         btyp.append(rec.bond_types)
         midx.append(mi)
         smiles.append(rec.smiles)
+        ids.append(f"{rec.smiles}#{ci}")
         offset += n
     return MolBatch(
         torch.cat(types),
@@ -174,6 +197,7 @@ def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int]]) -> Mo
         len(items),
         torch.tensor(midx, dtype=torch.long),
         smiles,
+        ids,
     )
 
 
@@ -189,9 +213,9 @@ class ConformerDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[MoleculeRecord, Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[MoleculeRecord, Tensor, int, int]:
         m, k = self.index[i]
-        return self.records[m], self.records[m].conformers[k], m
+        return self.records[m], self.records[m].conformers[k], m, k
 
     @classmethod
     def from_smiles(
