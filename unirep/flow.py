@@ -35,6 +35,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from unirep.tokens import segment_mean
+
 __all__ = [
     "VelocityFn",
     "broadcast_time",
@@ -256,6 +258,8 @@ def flow_matching_loss(
     eps: Tensor,
     reduce_dims: Sequence[int] | None = None,
     weight: Tensor | None = None,
+    batch: Tensor | None = None,
+    num_items: int | None = None,
 ) -> Tensor:
     """Mean squared error of ``pred_v`` to ``eps - x``: mean per item, optionally weighted, then batch mean.
 
@@ -263,13 +267,23 @@ def flow_matching_loss(
         pred_v: predicted velocity ``[B, ...]``.
         x, eps: data and noise of the same shape.
         reduce_dims: dimensions averaged per item (default: all but the first, REPA's ``mean_flat``).
-        weight: optional per-item weight ``[B]``.
+        weight: optional per-item weight ``[B]`` (``[num_items]`` with ``batch``).
+        batch: for a graph batch ``[N_atoms, ...]``, the graph index of each row ``[N_atoms]``: the per-item mean
+            is then taken over each graph's atoms, so every molecule counts once whatever its size.
+        num_items: number of graphs (default ``batch.max() + 1``).
     """
     target = velocity_target(x, eps)
-    return _weighted_mse(pred_v, target, reduce_dims, weight)
+    return _weighted_mse(pred_v, target, reduce_dims, weight, batch, num_items)
 
 
-def _weighted_mse(pred: Tensor, target: Tensor, reduce_dims: Sequence[int] | None, weight: Tensor | None) -> Tensor:
+def _weighted_mse(
+    pred: Tensor,
+    target: Tensor,
+    reduce_dims: Sequence[int] | None,
+    weight: Tensor | None,
+    batch: Tensor | None = None,
+    num_items: int | None = None,
+) -> Tensor:
     if pred.shape != target.shape:
         raise ValueError(f"flow matching loss: prediction shape {tuple(pred.shape)} != target {tuple(target.shape)}")
     # accumulate in at least float32 (bf16/fp16 predictions under autocast), keep float64 as is
@@ -277,6 +291,11 @@ def _weighted_mse(pred: Tensor, target: Tensor, reduce_dims: Sequence[int] | Non
     sq = (pred.to(acc) - target.to(acc)) ** 2
     dims = list(range(1, sq.dim())) if reduce_dims is None else list(reduce_dims)
     per_item = sq.mean(dim=dims) if dims else sq  # [B] (or the kept dims)
+    if batch is not None:
+        if batch.shape != per_item.shape[:1]:
+            raise ValueError(f"flow matching loss: batch must be [N] = [{per_item.shape[0]}], got {tuple(batch.shape)}")
+        n = int(batch.max()) + 1 if num_items is None else num_items
+        per_item = segment_mean(per_item, batch, n)  # [N_atoms, ...] -> [num_items, ...]
     if weight is not None:
         if weight.shape != per_item.shape[:1]:
             raise ValueError(
@@ -354,13 +373,15 @@ class FlowMatching:
         t: Tensor | None = None,
         reduce_dims: Sequence[int] | None = None,
         weight: Tensor | None = None,
+        batch: Tensor | None = None,
+        num_items: int | None = None,
     ) -> Tensor:
         """Velocity MSE (per item mean, then batch mean); ``x_t`` and ``t`` are needed for x0/eps predictions."""
         if self.prediction != "velocity":
             if x_t is None or t is None:
                 raise ValueError(f"FlowMatching.loss: prediction={self.prediction!r} needs x_t and t to convert")
             pred = pred_to_velocity(pred, self.prediction, x_t, t, self.clamp)
-        return _weighted_mse(pred, target, reduce_dims, weight)
+        return _weighted_mse(pred, target, reduce_dims, weight, batch, num_items)
 
     def velocity(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
         """The network's output as a velocity (for sampling with an x0/eps-predicting network)."""
@@ -372,13 +393,14 @@ class FlowMatching:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _evaluate(velocity_fn: VelocityFn, x: Tensor, t: Tensor, model_dtype: torch.dtype, batch_time: bool) -> Tensor:
-    """Call the velocity function at float64 state ``x`` and scalar time ``t``; return a float64 velocity.
+def _evaluate(velocity_fn: VelocityFn, x: Tensor, t: float, model_dtype: torch.dtype, batch_time: bool) -> Tensor:
+    """Call the velocity function at state ``x`` (integration dtype) and time ``t``; return ``v`` in x's dtype.
 
-    As REPA, the state and grid stay in float64 and the model sees the dtype of the initial noise.
+    As REPA, the state and the grid stay in float64 and the model sees the dtype of the initial noise. The grid is
+    kept as Python floats, so no step synchronises with the device and devices without float64 work.
     """
     n = x.shape[0] if batch_time else 1
-    t_in = t.to(device=x.device, dtype=model_dtype).expand(n).contiguous()  # [B] or [1]
+    t_in = torch.full((n,), t, dtype=model_dtype, device=x.device)  # [B] or [1]
     v = velocity_fn(x.to(model_dtype), t_in)
     if v.shape != x.shape:
         raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for x_t of shape {tuple(x.shape)}")
@@ -423,13 +445,13 @@ def sample_ode(
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"sample_ode: unknown method {method!r}: use 'euler' or 'heun'")
-    grid = time_grid(steps, t_min, shift).to(x1.device)
+    grid = time_grid(steps, t_min, shift).tolist()
     model_dtype = x1.dtype
     x = x1.to(dtype)
     trajectory = [x1] if return_trajectory else None
     for i in range(steps):
         t_cur, t_next = grid[i], grid[i + 1]
-        h = (t_next - t_cur).to(dtype)  # negative: time runs from noise to data
+        h = t_next - t_cur  # negative: time runs from noise to data
         d_cur = _evaluate(velocity_fn, x, t_cur, model_dtype, batch_time)
         x_next = x + h * d_cur
         if method == "heun" and t_next > 0:
@@ -473,20 +495,20 @@ def sample_sde(
     if not 0.0 < t_last < 1.0:
         raise ValueError(f"sample_sde: t_last must be in (0, 1), got {t_last}: the score is singular at t = 0")
     # steps points from 1 to t_last, then 0 appended for the deterministic last step
-    grid = time_grid(max(steps - 1, 1), t_last, shift) if steps > 1 else torch.ones(1, dtype=torch.float64)
-    grid = torch.cat([grid, grid.new_zeros(1)]).to(x1.device)
+    grid = time_grid(steps - 1, t_last, shift).tolist() if steps > 1 else [1.0]
+    grid.append(0.0)
     model_dtype = x1.dtype
     x = x1.to(dtype)
     trajectory = [x1] if return_trajectory else None
     for i in range(len(grid) - 1):
         t_cur, t_next = grid[i], grid[i + 1]
-        dt = (t_next - t_cur).to(dtype)
+        dt = t_next - t_cur
         v = _evaluate(velocity_fn, x, t_cur, model_dtype, batch_time)
-        w = 2.0 * t_cur.to(dtype)  # REPA's compute_diffusion
-        drift = v - 0.5 * w * velocity_to_score(v, x, t_cur.to(dtype))
+        w = 2.0 * t_cur  # REPA's compute_diffusion
+        drift = v - 0.5 * w * velocity_to_score(v, x, t_cur)
         x_next = x + drift * dt
         if t_next > 0:
-            x_next = x_next + torch.sqrt(w * dt.abs()) * _randn(x, generator)
+            x_next = x_next + math.sqrt(w * abs(dt)) * _randn(x, generator)
         x = project(x_next) if project is not None else x_next
         if trajectory is not None:
             trajectory.append(x.to(model_dtype))
