@@ -1,0 +1,178 @@
+"""DiT^DH: a diffusion transformer with a wide, shallow denoising head conditioned per token on the trunk.
+
+Zheng et al. 2025, "Diffusion Transformers with Representation Autoencoders" (section on DiT^DH), anchor
+bytetriper/RAE ``stage2/models/DDT.py`` (``DiTwDDTHead``), after DDT (Wang et al. 2025, "Decoupled Diffusion
+Transformer"). High-dimensional RAE latents (768 channels per token for DINOv2-B) need a denoiser whose width is at
+least the token dimension; widening the whole trunk is expensive, so DiT^DH keeps the trunk (28 blocks at 1152 in
+the anchor) and adds a head of 2 blocks at width 2048.
+
+Data flow, per the anchor (shapes for B items, N tokens):
+
+- trunk: the :class:`~vision.models.sit.SiT` embedding, positions and adaLN blocks on the class/time condition
+  ``c = t_emb + y_emb`` -> ``h[B, N, D]``;
+- head condition: ``s = SiLU(t_emb + h)`` projected to the head width ``D_h`` (one condition vector *per token*);
+- head input: the noisy input embedded again by its own patch embedding at width ``D_h`` (plus fixed 2-D sin-cos
+  positions here, where the anchor uses RoPE);
+- head blocks: adaLN blocks whose shift/scale/gate come from ``s`` per token, then a per-token modulated final layer.
+
+Time follows this project's convention (t = 0 data, t = 1 noise), as the trunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unirep.tokens import TokenSet
+from vision.models.sit import Attention, Mlp, SiT, get_2d_sincos_pos_embed, unpatchify
+
+__all__ = ["DDTBlock", "DDTFinalLayer", "DiTDH", "ditdh_tiny", "ditdh_s", "ditdh_b", "ditdh_xl"]
+
+
+class DDTBlock(nn.Module):
+    """adaLN block whose modulation is per token: ``x[B, N, D]``, condition ``s[B, N, D]``."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        # each modulation tensor is [B, N, D]: one shift/scale/gate per token, not per item
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(s).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
+
+
+class DDTFinalLayer(nn.Module):
+    """LayerNorm -> per-token modulation (no gate) -> Linear to ``p*p*C``."""
+
+    def __init__(self, hidden_size: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class DiTDH(SiT):
+    """SiT trunk + DDT head. Takes every :class:`SiT` argument plus the head's shape.
+
+    Args:
+        head_width: head hidden size ``D_h`` (the anchor: 2048 for 768-channel latents; make it >= the token size
+            ``p*p*in_channels``).
+        head_depth: number of head blocks (2 in the anchor).
+        head_heads: attention heads of the head blocks.
+
+    ``forward_intermediates`` indices 1..depth are trunk blocks, depth+1..depth+head_depth head blocks.
+    """
+
+    def __init__(self, *args, head_width: int = 2048, head_depth: int = 2, head_heads: int = 16, **kwargs):
+        if kwargs.get("cls_token_dim") is not None:
+            raise ValueError("DiTDH does not support REG's class token (cls_token_dim); use SiT for REG")
+        if kwargs.get("learn_sigma"):
+            raise ValueError("DiTDH predicts a velocity only: learn_sigma must be false")
+        self._head = dict(width=head_width, depth=head_depth, heads=head_heads)
+        super().__init__(*args, **kwargs)
+
+    def initialize_weights(self) -> None:
+        # build the head on the first call: SiT.__init__ calls initialize_weights once all trunk modules exist
+        if not hasattr(self, "head_blocks"):
+            self._build_head()
+        super().initialize_weights()  # xavier linears, zero adaLN of the trunk, zero final linear, ...
+        w = self.x_embedder_head.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.constant_(self.x_embedder_head.bias, 0)
+        for block in self.head_blocks:  # adaLN-Zero: head blocks start as the identity
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+    def _build_head(self) -> None:
+        hw, p, c = self._head["width"], self.patch_size, self.out_channels
+        if hw % 4:
+            raise ValueError(f"DiTDH head_width {hw} must be divisible by 4 (2-D sin-cos positions)")
+        self.head_width, self.head_depth = hw, self._head["depth"]
+        self.s_projector = nn.Linear(self.hidden_size, hw) if hw != self.hidden_size else nn.Identity()
+        self.x_embedder_head = nn.Conv2d(self.in_channels, hw, kernel_size=p, stride=p)
+        pos = torch.from_numpy(get_2d_sincos_pos_embed(hw, self.grid_size)).float()[None]
+        self.register_buffer("pos_embed_head", pos, persistent=False)  # [1, N, D_h]
+        self.head_blocks = nn.ModuleList([DDTBlock(hw, self._head["heads"]) for _ in range(self._head["depth"])])
+        self.final_layer = DDTFinalLayer(hw, p * p * c)  # replaces the trunk's per-item final layer
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        indices: Sequence[int] = (),
+        cls: Tensor | None = None,
+        force_drop_ids: Tensor | None = None,
+    ) -> tuple[Tensor, list[TokenSet]]:
+        if cls is not None:
+            raise ValueError("DiTDH does not support REG's class token")
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DiTDH expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
+                f"got {tuple(x.shape)}"
+            )
+        total = self.depth + self.head_depth
+        want = {int(i) for i in indices}
+        for i in want:
+            if not 0 <= i <= total:
+                raise ValueError(f"intermediate index {i} outside [0, {total}]")
+        by_index: dict[int, Tensor] = {}
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        t_emb = self.t_embedder(t)  # [B, D]
+        c = self._condition(t, y, force_drop_ids)  # [B, D]: t_emb + y_emb
+        if 0 in want:
+            by_index[0] = h
+        for k, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            if k in want:
+                by_index[k] = h
+        s = self.s_projector(F.silu(t_emb[:, None] + h))  # per-token condition [B, N, D_h]
+        z = self.x_embedder_head(x).flatten(2).transpose(1, 2) + self.pos_embed_head  # [B, N, D_h]
+        for k, block in enumerate(self.head_blocks, start=self.depth + 1):
+            z = block(z, s)
+            if k in want:
+                by_index[k] = z
+        out = unpatchify(self.final_layer(z, s), self.patch_size, self.out_channels)
+        return out, [TokenSet.from_dense(by_index[int(i)]) for i in indices]
+
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor | None = None, cls: Tensor | None = None,
+        force_drop_ids: Tensor | None = None,
+    ) -> Tensor:
+        return self.forward_intermediates(x, t, y, (), cls=cls, force_drop_ids=force_drop_ids)[0]
+
+
+def ditdh_tiny(**kw) -> DiTDH:
+    """Trunk 4 x 64 (4 heads), head 2 x 128 (4 heads): CPU tests and smoke runs."""
+    return DiTDH(**{"depth": 4, "hidden_size": 64, "num_heads": 4, "head_width": 128, "head_depth": 2,
+                    "head_heads": 4, **kw})
+
+
+def ditdh_s(**kw) -> DiTDH:
+    """DiT^DH-S: trunk S (12 x 384), head 2 x 2048 (anchor's DiTDH-S config)."""
+    return DiTDH(**{"depth": 12, "hidden_size": 384, "num_heads": 6, "head_width": 2048, "head_depth": 2,
+                    "head_heads": 16, **kw})
+
+
+def ditdh_b(**kw) -> DiTDH:
+    return DiTDH(**{"depth": 12, "hidden_size": 768, "num_heads": 12, "head_width": 2048, "head_depth": 2,
+                    "head_heads": 16, **kw})
+
+
+def ditdh_xl(**kw) -> DiTDH:
+    """DiT^DH-XL: trunk 28 x 1152, head 2 x 2048 (the anchor's headline model)."""
+    return DiTDH(**{"depth": 28, "hidden_size": 1152, "num_heads": 16, "head_width": 2048, "head_depth": 2,
+                    "head_heads": 16, **kw})

@@ -1,0 +1,34 @@
+"""Vision tokenizers: RAE (frozen representation encoder + ViT decoder) and VA-VAE (VF-aligned KL autoencoder).
+
+Both implement the core :class:`unirep.tokenizers.Tokenizer` (normalised ``encode``, ``decode``, statistics as
+named buffers), so any SiT recipe trains on their latents by swapping the tokenizer. See docs/vision_tokenizers.md.
+"""
+
+from vision.tokenizers.rae import (
+    RAE,
+    RAEDecoder,
+    noise_augment,
+    rae_decoder_base,
+    rae_decoder_large,
+    rae_decoder_small,
+    rae_decoder_tiny,
+    rae_decoder_xl,
+    strip_final_norm_affine,
+)
+from vision.tokenizers.vavae import VAVAE, DiagonalGaussian, VFAlignment, adaptive_weight
+
+__all__ = [
+    "RAE",
+    "RAEDecoder",
+    "noise_augment",
+    "strip_final_norm_affine",
+    "rae_decoder_tiny",
+    "rae_decoder_small",
+    "rae_decoder_base",
+    "rae_decoder_large",
+    "rae_decoder_xl",
+    "VAVAE",
+    "DiagonalGaussian",
+    "VFAlignment",
+    "adaptive_weight",
+]
