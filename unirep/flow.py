@@ -486,7 +486,9 @@ def sample_sde(
     (:func:`velocity_to_score`), run with ``dt < 0`` on the grid ``linspace(1, t_last, steps)`` (shifted, ending at
     ``t_last``), then one deterministic step of the same drift from ``t_last`` to 0 (REPA's last step "Mean").
     ``steps`` counts velocity evaluations (``steps - 1`` stochastic steps plus the last one). Noise comes from
-    ``generator``, so a seeded generator makes sampling reproducible.
+    ``generator``, so a seeded generator makes sampling reproducible. The drift equals ``(2 - t) v + x_t``, affine
+    in ``v`` with the same ``x_t`` for both branches, so guiding the velocity (:func:`guided_velocity`) is the same
+    as REPA's guiding of the drift.
 
     Returns the sample in ``x1``'s dtype, and the states ``[steps + 1, B, ...]`` if ``return_trajectory``.
     """

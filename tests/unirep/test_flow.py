@@ -398,6 +398,35 @@ def test_sde_reproduces_gaussian_moments():
     torch.testing.assert_close(c_exact, sigma, atol=0.05, rtol=0)
 
 
+def _repa_reference(v, x1, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """REPA's euler_maruyama_sampler written out with its generic score for x_t = alpha x + sigma eps."""
+    ts = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=D), torch.zeros(1, dtype=D)])
+    x = x1.clone()
+    for i in range(steps):
+        t_cur, t_next = ts[i].item(), ts[i + 1].item()
+        alpha, d_alpha, sigma, d_sigma = 1 - t_cur, -1.0, t_cur, 1.0
+        v_cur = v(x, torch.full((x.shape[0],), t_cur, dtype=D))
+        ratio = alpha / d_alpha
+        score = (ratio * v_cur - x) / (sigma**2 - ratio * d_sigma * sigma)
+        drift = v_cur - 0.5 * (2 * t_cur) * score
+        x_mean = x + (t_next - t_cur) * drift
+        if i == steps - 1:
+            return x_mean  # the last step is deterministic ("Mean")
+        noise = torch.randn(x.shape, generator=gen, dtype=D)
+        x = x_mean + math.sqrt(2 * t_cur) * math.sqrt(abs(t_next - t_cur)) * noise
+    raise AssertionError("unreachable")
+
+
+def test_sde_matches_repa_step_by_step():
+    mu, sigma = _gaussian(dim=3, seed=3)
+    v = _gaussian_velocity(mu, sigma)
+    x1 = torch.randn(6, 3, generator=torch.Generator().manual_seed(9), dtype=D)
+    for steps in (1, 2, 25):
+        ours = sample_sde(v, x1, steps=steps, generator=torch.Generator().manual_seed(11))
+        ref = _repa_reference(v, x1, steps, torch.Generator().manual_seed(11))
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
 def test_sde_determinism_project_and_grid():
     mu, sigma = _gaussian(dim=3)
     v = _gaussian_velocity(mu, sigma)
