@@ -1,0 +1,393 @@
+"""Image data for the vision backend: image folders, latent folders and two embedded data sets.
+
+Items are dicts ``{"x": Tensor[C, H, W], "image": Tensor[C', H', W'], "y": long, "id": str}``:
+
+- ``x`` is what the diffusion model is trained on (pixels in [-1, 1], or a precomputed latent);
+- ``image`` is what the frozen teacher sees (pixels in [-1, 1]); for pixel data sets it is ``x`` itself;
+- ``id`` names the item *and its augmentation* (``"123"`` or ``"123:flip"``), so a teacher-feature cache keyed by
+  id never returns the features of the unflipped image for a flipped one.
+
+Data sets:
+
+- :class:`ImageFolder`: ``root/<class>/<image>`` (or a flat folder, unconditional); PIL decoding; a corrupt or
+  unreadable file raises an error naming it; images are resized (shorter side) and centre-cropped to ``resolution``
+  (ADM's center crop, as REPA's preprocessing uses).
+- :class:`LatentFolder`: precomputed latents (``.npy``/``.npz``/``.safetensors``, one per image) with a
+  ``dataset.json`` of labels ``{"labels": [[relative_path, label], ...]}`` as REPA's ``preprocessing/dataset_tools.py``
+  writes, optionally paired with the image folder the teacher reads.
+- :class:`DigitsDataset`: scikit-learn's digits (1,797 8×8 images, 10 classes), upsampled bilinearly.
+- :class:`NaturalCrops`: fixed random crops of scikit-image's bundled natural images (unconditional).
+
+Train/held-out splits are fixed by a seed (:func:`split_indices`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DigitsDataset",
+    "NaturalCrops",
+    "ImageFolder",
+    "LatentFolder",
+    "split_indices",
+    "digits_data",
+    "natural_crops_data",
+    "image_folder_data",
+    "latent_folder_data",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+LATENT_EXTENSIONS = (".npy", ".npz", ".safetensors")
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed permutation of ``range(n)`` split into (train, held-out); same seed, same split."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class _Flippable(Dataset):
+    """Index space doubled by horizontal flips when ``hflip``: item ``i + n`` is item ``i`` mirrored.
+
+    Deterministic flips (instead of a coin per access) give every flipped view its own stable id, so teacher
+    features can be cached per view; an epoch then sees both views, as random flips do on average.
+    """
+
+    hflip: bool = False
+
+    def _len(self) -> int:
+        raise NotImplementedError
+
+    def _get(self, i: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._len() * (2 if self.hflip else 1)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        n = self._len()
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a data set of {len(self)} items")
+        idx %= len(self)
+        item = self._get(idx % n)
+        if idx >= n:
+            item = dict(item)
+            item["x"] = item["x"].flip(-1)
+            if item.get("image") is not None and item["image"] is not item["x"]:
+                item["image"] = item["image"].flip(-1)
+            else:
+                item["image"] = item["x"]
+            item["id"] = f"{item['id']}:flip"
+        return item
+
+
+def _to_range(img: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return img * 2.0 - 1.0
+
+
+class DigitsDataset(_Flippable):
+    """scikit-learn's 8×8 digits upsampled to ``resolution`` (bilinear), values in [-1, 1], 10 classes.
+
+    Args:
+        split: ``"train"``, ``"val"`` (the held-out split) or ``"all"``.
+        resolution: output size (8, 16 or 32 are natural choices).
+        channels: 1 (grey) or 3 (grey replicated).
+        val_fraction, seed: the fixed held-out split.
+        hflip: add mirrored copies (off by default: mirrored digits are other shapes).
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self, split: str = "train", resolution: int = 16, channels: int = 1, val_fraction: float = 0.1,
+        seed: int = 0, hflip: bool = False,
+    ):
+        from sklearn.datasets import load_digits
+
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
+        if resolution != 8:
+            images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        images = _to_range(images.clamp(0, 1)).expand(-1, channels, -1, -1).contiguous()
+        labels = torch.from_numpy(digits.target).long()
+        train_idx, val_idx = split_indices(len(labels), val_fraction, seed)
+        idx = {"train": train_idx, "val": val_idx, "all": np.arange(len(labels))}[split]
+        self.index = torch.from_numpy(idx).long()
+        self.images, self.labels = images[self.index], labels[self.index]
+        self.hflip = hflip
+        self.resolution, self.channels = resolution, channels
+
+    def _len(self) -> int:
+        return len(self.index)
+
+    def _get(self, i: int) -> dict[str, Any]:
+        x = self.images[i]
+        return {"x": x, "image": x, "y": self.labels[i], "id": f"digits/{int(self.index[i])}"}
+
+
+class NaturalCrops(_Flippable):
+    """Fixed random crops of scikit-image's bundled natural images, resized to ``resolution`` (unconditional).
+
+    Crops (position and size, 1/8 to 1/2 of the shorter side) are drawn once from ``seed``; the held-out split takes
+    the last ``val_fraction`` of crops of every image.
+    """
+
+    num_classes = 0
+    IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "moon")
+
+    def __init__(
+        self, split: str = "train", resolution: int = 32, num_crops: int = 2048, val_fraction: float = 0.1,
+        seed: int = 0, hflip: bool = True, images: Sequence[str] | None = None,
+    ):
+        import skimage.data
+
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        names = list(images or self.IMAGES)
+        sources = []
+        for name in names:
+            if not hasattr(skimage.data, name):
+                raise ValueError(f"scikit-image has no bundled image {name!r}; choose from {list(self.IMAGES)}")
+            arr = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
+            arr = arr / (255.0 if arr.max() > 1.0 else 1.0)
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, axis=2)
+            sources.append(torch.from_numpy(arr[..., :3].copy()).permute(2, 0, 1))  # (3, H, W)
+        rng = np.random.default_rng(seed)
+        per_image = max(1, num_crops // len(sources))
+        crops, ids = [], []
+        n_val = int(round(per_image * val_fraction))
+        for s, img in enumerate(sources):
+            h, w = img.shape[1:]
+            keep = {"train": range(0, per_image - n_val), "val": range(per_image - n_val, per_image),
+                    "all": range(per_image)}[split]
+            for j in range(per_image):
+                size = int(rng.integers(min(h, w) // 8, min(h, w) // 2 + 1))
+                top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+                if j not in keep:
+                    continue
+                patch = img[:, top : top + size, left : left + size].unsqueeze(0)
+                patch = F.interpolate(patch, size=(resolution, resolution), mode="bicubic", align_corners=False,
+                                      antialias=True)
+                crops.append(_to_range(patch[0].clamp(0, 1)))
+                ids.append(f"skimage/{names[s]}/{j}")
+        self.images = torch.stack(crops)
+        self.ids = ids
+        self.hflip = hflip
+        self.resolution = resolution
+
+    def _len(self) -> int:
+        return len(self.ids)
+
+    def _get(self, i: int) -> dict[str, Any]:
+        x = self.images[i]
+        return {"x": x, "image": x, "y": torch.tensor(0), "id": self.ids[i]}
+
+
+def _load_image(path: Path, resolution: int, channels: int) -> Tensor:
+    """Decode with PIL, resize the shorter side and centre-crop to ``resolution``; [-1, 1], ``[C, R, R]``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGB" if channels == 3 else "L")
+    except Exception as err:
+        raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file.") from err
+    w, h = im.size
+    scale = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return _to_range(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+
+
+def _list_files(root: Path, exts: Sequence[str]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+
+
+class ImageFolder(_Flippable):
+    """Images under ``root``: ``root/<class_name>/*.png`` (classes sorted by name) or flat (unconditional).
+
+    Args:
+        root: the folder.
+        resolution: images are resized (shorter side) and centre-cropped to this size.
+        channels: 3 (RGB) or 1 (grey).
+        split, val_fraction, seed: a fixed held-out split over the sorted file list.
+        hflip: add mirrored copies.
+    """
+
+    def __init__(
+        self, root: str | Path, resolution: int = 32, channels: int = 3, split: str = "all", val_fraction: float = 0.0,
+        seed: int = 0, hflip: bool = True,
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist: set data.root to a folder of images")
+        files = _list_files(self.root, IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(
+                f"image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}): put images under "
+                f"{self.root}/<class>/ or directly in it"
+            )
+        classes = sorted({f.parent.name for f in files if f.parent != self.root})
+        if classes and any(f.parent == self.root for f in files):
+            raise ValueError(f"{self.root} mixes images at the top level with class folders: use one layout")
+        self.classes = classes
+        self.num_classes = len(classes)
+        cidx = {c: i for i, c in enumerate(classes)}
+        labels = [cidx[f.parent.name] if classes else 0 for f in files]
+        if split != "all":
+            tr, va = split_indices(len(files), val_fraction, seed)
+            keep = tr if split == "train" else va
+            files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        self.files, self.labels = files, labels
+        self.resolution, self.channels, self.hflip = resolution, channels, hflip
+
+    def _len(self) -> int:
+        return len(self.files)
+
+    def _get(self, i: int) -> dict[str, Any]:
+        x = _load_image(self.files[i], self.resolution, self.channels)
+        rel = self.files[i].relative_to(self.root).as_posix()
+        return {"x": x, "image": x, "y": torch.tensor(self.labels[i]), "id": rel}
+
+
+def _load_latent(path: Path) -> Tensor:
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arr = z[z.files[0]]
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            arr = next(iter(tensors.values())).numpy()
+    except Exception as err:
+        raise ValueError(f"cannot read latent {path}: {err}. Re-run the latent preparation for it.") from err
+    t = torch.as_tensor(np.asarray(arr), dtype=torch.float32)
+    return t[0] if t.dim() == 4 and t.shape[0] == 1 else t
+
+
+class LatentFolder(Dataset):
+    """Precomputed latents (REPA's data layout) plus, optionally, the images the teacher reads.
+
+    ``root/dataset.json`` holds ``{"labels": [[relative_latent_path, label], ...]}`` (``null`` labels: unconditional).
+    With ``image_root``, the image for latent ``a/b.npy`` is the file ``image_root/a/b.<ext>`` (any image extension),
+    as REPA stores ``images/`` and ``vae-sd/`` side by side.
+    """
+
+    def __init__(self, root: str | Path, image_root: str | Path | None = None, image_resolution: int = 256,
+                 num_classes: int | None = None):
+        self.root = Path(root)
+        meta = self.root / "dataset.json"
+        if not meta.exists():
+            files = _list_files(self.root, LATENT_EXTENSIONS) if self.root.is_dir() else []
+            if not files:
+                raise FileNotFoundError(
+                    f"latent folder {self.root} has no dataset.json and no latent files: prepare it with REPA's "
+                    "preprocessing (dataset.json with {'labels': [[path, label], ...]})"
+                )
+            entries = [[f.relative_to(self.root).as_posix(), None] for f in files]
+        else:
+            entries = json.loads(meta.read_text()).get("labels")
+            if not entries:
+                raise ValueError(f"{meta} lists no latents under 'labels'")
+        self.files = [self.root / e[0] for e in entries]
+        self.labels = [0 if e[1] is None else int(e[1]) for e in entries]
+        self.num_classes = (max(self.labels) + 1 if any(e[1] is not None for e in entries) else 0) \
+            if num_classes is None else num_classes
+        bad = [(f, y) for f, y in zip(self.files, self.labels) if self.num_classes and not 0 <= y < self.num_classes]
+        if bad:
+            raise ValueError(f"label {bad[0][1]} of {bad[0][0]} is outside [0, {self.num_classes}): fix dataset.json")
+        missing = [f for f in self.files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} latent files listed in dataset.json are missing, e.g. {missing[0]}")
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.image_resolution = image_resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _image_path(self, latent: Path) -> Path:
+        assert self.image_root is not None
+        stem = self.image_root / latent.relative_to(self.root).with_suffix("")
+        for ext in IMAGE_EXTENSIONS:
+            if stem.with_suffix(ext).exists():
+                return stem.with_suffix(ext)
+        raise FileNotFoundError(f"no image for latent {latent} under {self.image_root} (looked for {stem}.*)")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = _load_latent(self.files[i])
+        item = {"x": x, "y": torch.tensor(self.labels[i]), "id": self.files[i].relative_to(self.root).as_posix()}
+        if self.image_root is not None:
+            item["image"] = _load_image(self._image_path(self.files[i]), self.image_resolution, 3)
+        return item
+
+
+# -- DataModule builders (hydra ``data._target_``) -------------------------------------------------------------
+def _datamodule(train: Dataset, val: Dataset | None, info: dict[str, Any]):
+    from unirep.train import DataModule
+
+    if len(train) == 0:
+        raise ValueError("the training split is empty: check the data root and val_fraction")
+    return DataModule(train=train, val=val, info=info)
+
+
+def digits_data(resolution: int = 16, channels: int = 1, val_fraction: float = 0.1, seed: int = 0,
+                hflip: bool = False):
+    """Digits train/held-out DataModule; ``info`` carries num_classes, channels, resolution."""
+    kw = dict(resolution=resolution, channels=channels, val_fraction=val_fraction, seed=seed)
+    train = DigitsDataset("train", hflip=hflip, **kw)
+    val = DigitsDataset("val", **kw)
+    return _datamodule(train, val, dict(num_classes=10, channels=channels, resolution=resolution, name="digits"))
+
+
+def natural_crops_data(resolution: int = 32, num_crops: int = 2048, val_fraction: float = 0.1, seed: int = 0,
+                       hflip: bool = True):
+    kw = dict(resolution=resolution, num_crops=num_crops, val_fraction=val_fraction, seed=seed)
+    train = NaturalCrops("train", hflip=hflip, **kw)
+    val = NaturalCrops("val", hflip=False, **kw)
+    return _datamodule(train, val, dict(num_classes=0, channels=3, resolution=resolution, name="skimage"))
+
+
+def image_folder_data(root: str, resolution: int = 32, channels: int = 3, val_fraction: float = 0.0, seed: int = 0,
+                      hflip: bool = True):
+    split = "train" if val_fraction > 0 else "all"
+    train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip)
+    val = ImageFolder(root, resolution, channels, "val", val_fraction, seed, False) if val_fraction > 0 else None
+    return _datamodule(train, val, dict(num_classes=train.num_classes, channels=channels, resolution=resolution,
+                                        name=str(root)))
+
+
+def latent_folder_data(root: str, image_root: str | None = None, image_resolution: int = 256,
+                       num_classes: int | None = None):
+    train = LatentFolder(root, image_root, image_resolution, num_classes)
+    x = train[0]["x"]
+    return _datamodule(train, None, dict(num_classes=train.num_classes, channels=int(x.shape[0]),
+                                         resolution=int(x.shape[-1]), name=str(root), latent=True))
