@@ -45,6 +45,7 @@ __all__ = [
     "AtomicGraph",
     "GraphBatch",
     "collate_graphs",
+    "regraph",
     "AtomsDataset",
     "split_indices",
     "load_dataset",
@@ -381,6 +382,7 @@ class AtomicGraph:
     edge_index: Tensor  # [2, E] long
     unit_shifts: Tensor  # [E, 3] float64 (integer values)
     cell: Tensor  # [3, 3] float64
+    pbc: Tensor  # [3] bool
     energy: Tensor | None  # [] float64
     forces: Tensor | None  # [N, 3] float64
     id: str
@@ -394,6 +396,7 @@ class AtomicGraph:
             edge_index=torch.as_tensor(ei),
             unit_shifts=torch.as_tensor(us, dtype=torch.float64),
             cell=torch.as_tensor(s.cell, dtype=torch.float64),
+            pbc=torch.tensor(s.pbc, dtype=torch.bool),
             energy=None if s.energy is None else torch.tensor(s.energy, dtype=torch.float64),
             forces=None if s.forces is None else torch.as_tensor(s.forces, dtype=torch.float64),
             id=s.id,
@@ -413,6 +416,7 @@ class GraphBatch:
     shifts: Tensor  # [E, 3] Å
     unit_shifts: Tensor  # [E, 3]
     cell: Tensor  # [B, 3, 3]
+    pbc: Tensor  # [B, 3] bool
     batch: Tensor  # [T]
     ptr: Tensor  # [B + 1]
     energy: Tensor | None
@@ -433,7 +437,7 @@ class GraphBatch:
             return None if t is None else t.to(device)
 
         return replace(self, **{k: mv(getattr(self, k)) for k in
-                                ("numbers", "positions", "edge_index", "shifts", "unit_shifts", "cell", "batch",
+                                ("numbers", "positions", "edge_index", "shifts", "unit_shifts", "cell", "pbc", "batch",
                                  "ptr", "energy", "forces")})
 
     def tokens(self, x: Tensor | None = None) -> TokenSet:
@@ -452,17 +456,30 @@ class GraphBatch:
         emask = (self.edge_index[0] >= a) & (self.edge_index[0] < b)
         return AtomicGraph(
             self.numbers[a:b], self.positions[a:b], self.edge_index[:, emask] - a, self.unit_shifts[emask],
-            self.cell[i], None if self.energy is None else self.energy[i],
+            self.cell[i], self.pbc[i], None if self.energy is None else self.energy[i],
             None if self.forces is None else self.forces[a:b], self.ids[i],
         )
+
+
+def regraph(batch: GraphBatch, r_max: float) -> GraphBatch:
+    """The same structures with neighbour lists recomputed for another cutoff (a teacher's ``r_max``)."""
+    graphs = []
+    for i in range(batch.num_graphs):
+        g = batch.graph(i)
+        ei, us = neighbour_graph(g.positions.detach().cpu().double().numpy(), r_max, g.cell.cpu().double().numpy(),
+                                 g.pbc.cpu().tolist())
+        graphs.append(replace(g, edge_index=torch.as_tensor(ei, device=g.positions.device),
+                              unit_shifts=torch.as_tensor(us, dtype=g.unit_shifts.dtype, device=g.positions.device)))
+    return collate_graphs(graphs)
 
 
 def collate_graphs(graphs: Sequence[AtomicGraph]) -> GraphBatch:
     """Concatenate graphs: node offsets on ``edge_index``, ``shifts = unit_shifts @ cell`` per graph."""
     if len(graphs) == 0:
         raise ValueError("collate_graphs: empty list of graphs")
-    counts = torch.tensor([g.numbers.numel() for g in graphs], dtype=torch.long)
-    ptr = torch.zeros(len(graphs) + 1, dtype=torch.long)
+    device = graphs[0].positions.device
+    counts = torch.tensor([g.numbers.numel() for g in graphs], dtype=torch.long, device=device)
+    ptr = torch.zeros(len(graphs) + 1, dtype=torch.long, device=device)
     ptr[1:] = torch.cumsum(counts, 0)
     edge_index = torch.cat([g.edge_index + ptr[k] for k, g in enumerate(graphs)], dim=1)
     shifts = torch.cat([g.unit_shifts @ g.cell for g in graphs])  # [E, 3] Å
@@ -474,7 +491,8 @@ def collate_graphs(graphs: Sequence[AtomicGraph]) -> GraphBatch:
         shifts=shifts,
         unit_shifts=torch.cat([g.unit_shifts for g in graphs]),
         cell=torch.stack([g.cell for g in graphs]),
-        batch=torch.arange(len(graphs)).repeat_interleave(counts),
+        pbc=torch.stack([g.pbc for g in graphs]),
+        batch=torch.arange(len(graphs), device=device).repeat_interleave(counts),
         ptr=ptr,
         energy=torch.stack([g.energy for g in graphs]) if labelled else None,
         forces=torch.cat([g.forces for g in graphs]) if labelled else None,
@@ -563,7 +581,7 @@ class AtomsDataset(torch.utils.data.Dataset):
             e = t["energy"][k] if "energy" in t and meta["labelled"][k] else None
             f = t["forces"][a:b] if e is not None else None
             g = AtomicGraph(t["numbers"][a:b], t["positions"][a:b], t["edge_index"][:, ea:eb] - a,
-                            t["unit_shifts"][ea:eb], t["cell"][k], e, f, item_id)
+                            t["unit_shifts"][ea:eb], t["cell"][k], torch.tensor(meta["pbc"][k]), e, f, item_id)
             out.graphs.append(g)
             out.structures.append(Structure(g.numbers.numpy(), g.positions.numpy(),
                                             None if e is None else float(e), None if f is None else f.numpy(),
