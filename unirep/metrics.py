@@ -161,13 +161,13 @@ def _kernel_stats(a: Tensor, b: Tensor, rows: Callable[[Tensor, slice], Tensor])
     step = _chunk_rows(n)
     for s in range(0, n, step):
         sl = slice(s, min(n, s + step))
-        kc, lc = rows(a, sl).double(), rows(b, sl).double()  # [c, n]
-        kl += (kc * lc).sum()
-        kk += kc.pow(2).sum()
-        ll += lc.pow(2).sum()
-        row_k[sl], row_l[sl] = kc.sum(1), lc.sum(1)
+        kc, lc = rows(a, sl), rows(b, sl)  # [c, n] float32; products rounded in float32, summed in float64
+        kl += (kc * lc).sum(dtype=torch.float64)
+        kk += kc.pow(2).sum(dtype=torch.float64)
+        ll += lc.pow(2).sum(dtype=torch.float64)
+        row_k[sl], row_l[sl] = kc.sum(1, dtype=torch.float64), lc.sum(1, dtype=torch.float64)
         r = torch.arange(kc.shape[0], device=a.device)
-        diag_k[sl], diag_l[sl] = kc[r, r + s], lc[r, r + s]
+        diag_k[sl], diag_l[sl] = kc[r, r + s].double(), lc[r, r + s].double()
     return _Stats(kl, kk, ll, row_k, row_l, diag_k, diag_l)
 
 
