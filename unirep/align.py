@@ -131,6 +131,11 @@ def _item_mean(values: Tensor, tokens: TokenSet) -> Tensor:
     return per_item[has].mean()
 
 
+def _full_precision(x: Tensor) -> torch.autocast:
+    """Switch autocast off: the losses' matmuls must run in float32 even inside a bf16/fp16 training step."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def token_cosine(pred: Tokens, target: Tokens) -> Tensor:
     """Cosine of every token with its counterpart ``[T]``, in float32."""
     p, t = _check_pair(pred, target)
@@ -149,6 +154,11 @@ def neg_cosine(pred: Tokens, target: Tokens) -> Tensor:
 def vf_loss_parts(pred: Tokens, target: Tokens, m1: float = 0.5, m2: float = 0.25) -> dict[str, Tensor]:
     """VA-VAE's two terms ``{"mcos": L_mcos, "mdms": L_mdms}`` (see :func:`vf_loss`)."""
     p, t = _check_pair(pred, target)
+    with _full_precision(p.x):
+        return _vf_parts(p, t, m1, m2)
+
+
+def _vf_parts(p: TokenSet, t: TokenSet, m1: float, m2: float) -> dict[str, Tensor]:
     zp, mask = p.to_dense()  # [B, N, D], [B, N]
     zt, _ = t.to_dense()
     zp = F.normalize(zp.float(), dim=-1)
@@ -195,6 +205,11 @@ def nt_xent(pred: Tokens, target: Tokens, tau: float = 0.1, symmetric: bool = Tr
     if tau <= 0:
         raise ValueError(f"nt_xent tau must be > 0, got {tau}")
     p, t = _check_pair(pred, target)
+    with _full_precision(p.x):
+        return _nt_xent(p, t, tau, symmetric, negatives)
+
+
+def _nt_xent(p: TokenSet, t: TokenSet, tau: float, symmetric: bool, negatives: str) -> Tensor:
     zp = F.normalize(p.x.float(), dim=-1)
     zt = F.normalize(t.x.float(), dim=-1)
     if negatives == "batch":
@@ -364,7 +379,11 @@ def dispersive_loss(tokens: Tokens, tau: float = 0.5, variant: str = "l2", reduc
         z = ts.x
     else:
         raise ValueError(f"dispersive_loss reduce must be 'flatten', 'mean' or 'tokens', got {reduce!r}")
-    z = z.float()
+    with _full_precision(z):
+        return _dispersive(z.float(), tau, variant)
+
+
+def _dispersive(z: Tensor, tau: float, variant: str) -> Tensor:
     if variant == "l2":
         sq = z.pow(2).sum(-1)
         dist = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0)  # [B, B] squared distances

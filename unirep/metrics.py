@@ -3,7 +3,8 @@
 Huh, Cheung, Wang & Isola 2024, "The Platonic Representation Hypothesis"; anchor minyoungg/platonic-rep
 ``metrics.py`` (the metrics) and ``measure_alignment.py`` (preprocessing and the best-layer-pair search).
 Every metric takes two feature matrices ``a[n, d_a]``, ``b[n, d_b]`` whose rows describe the same n items and
-returns a float.
+returns a float (a :class:`~unirep.tokens.TokenSet` is taken as its token matrix, one row per token; pool it with
+``TokenSet.pool()`` to compare items).
 
 - :func:`mutual_knn`: k nearest neighbours by inner product (self excluded) in each space; mean over items of
   ``|N_a(i) ∩ N_b(i)| / k``.
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unirep.tokens import TokenSet
+
 __all__ = [
     "mutual_knn",
     "cka",
@@ -53,10 +56,14 @@ __all__ = [
 _CHUNK_ENTRIES = 1 << 24
 
 
-def _check(a: Tensor, b: Tensor | None = None, min_items: int = 2, what: str = "metric") -> None:
+def _check(
+    a: Tensor | TokenSet, b: Tensor | TokenSet, min_items: int = 2, what: str = "metric"
+) -> tuple[Tensor, Tensor]:
+    """Validate two feature matrices (a TokenSet counts as its tokens: each token is one item)."""
+    out = []
     for name, x in (("a", a), ("b", b)):
-        if x is None:
-            continue
+        if isinstance(x, TokenSet):
+            x = x.x
         if not isinstance(x, Tensor) or x.dim() != 2:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -65,10 +72,13 @@ def _check(a: Tensor, b: Tensor | None = None, min_items: int = 2, what: str = "
             )
         if not torch.isfinite(x).all():
             raise ValueError(f"{what}: features {name} contain NaN or inf values; clean them before comparing")
-    if b is not None and a.shape[0] != b.shape[0]:
+        out.append(x.detach())
+    a, b = out
+    if a.shape[0] != b.shape[0]:
         raise ValueError(f"{what}: a has {a.shape[0]} items but b has {b.shape[0]}; rows must be the same items")
     if a.shape[0] < min_items:
         raise ValueError(f"{what} needs at least {min_items} items, got {a.shape[0]}")
+    return a, b
 
 
 def _chunk_rows(n: int) -> int:
@@ -101,7 +111,7 @@ def knn_indices(x: Tensor, topk: int, return_values: bool = False) -> Tensor | t
 
 def mutual_knn(a: Tensor, b: Tensor, topk: int = 10) -> float:
     """Mean over items of ``|N_a(i) ∩ N_b(i)| / topk`` with inner-product neighbourhoods (self excluded)."""
-    _check(a, b, min_items=topk + 1, what="mutual_knn")
+    a, b = _check(a, b, min_items=topk + 1, what="mutual_knn")
     ka, kb = knn_indices(a, topk), knn_indices(b, topk)
     overlap = (ka[:, :, None] == kb[:, None, :]).any(-1).sum(-1)  # [n]
     return float(overlap.double().mean() / topk)
@@ -208,7 +218,7 @@ def cka(a: Tensor, b: Tensor, kernel: str = "linear", sigma: float = 1.0, eps: f
 
     Linear CKA centres the features and uses ``|A_c^T B_c|_F^2``; RBF CKA uses ``exp(-|x-y|^2 / (2 sigma^2))``.
     """
-    _check(a, b, min_items=2, what="cka")
+    a, b = _check(a, b, min_items=2, what="cka")
     n = a.shape[0]
     if kernel in ("linear", "ip"):
         # centring the features is H K H for the linear kernel: row sums vanish and HSIC = sum(K o L)
@@ -226,7 +236,7 @@ def cka(a: Tensor, b: Tensor, kernel: str = "linear", sigma: float = 1.0, eps: f
 
 def unbiased_cka(a: Tensor, b: Tensor, kernel: str = "linear", sigma: float = 1.0, eps: float = 0.0) -> float:
     """CKA with the unbiased HSIC estimator of Song et al. 2012 on zero-diagonal kernels (needs n >= 4)."""
-    _check(a, b, min_items=4, what="unbiased_cka")
+    a, b = _check(a, b, min_items=4, what="unbiased_cka")
     n = a.shape[0]
     st = _stats(a, b, kernel, sigma)
     return _ratio(
@@ -266,7 +276,7 @@ def cknna(a: Tensor, b: Tensor, topk: int = 10, eps: float = 0.0) -> float:
     (inner product, self excluded) in both spaces; CKNNA = HSIC_u(K~, L~) / sqrt(HSIC_u(K^, K^) HSIC_u(L^, L^)) where
     K^ (L^) keeps K (L) at its own k-NN pairs. Only the <= n*topk kept entries are ever materialised.
     """
-    _check(a, b, min_items=max(4, topk + 1), what="cknna")
+    a, b = _check(a, b, min_items=max(4, topk + 1), what="cknna")
     if topk < 2:
         raise ValueError(f"cknna needs topk >= 2, got {topk}")
     n = a.shape[0]
@@ -291,7 +301,7 @@ def svcca(a: Tensor, b: Tensor, dim: int = 10) -> float:
     vectors U_a, U_b ``[n, dim]`` are orthonormal and centred, so the canonical correlations are the singular
     values of ``U_a^T U_b``.
     """
-    _check(a, b, min_items=dim + 1, what="svcca")
+    a, b = _check(a, b, min_items=dim + 1, what="svcca")
     if dim < 1 or dim > min(a.shape[1], b.shape[1]):
         raise ValueError(f"svcca dim must be in [1, min(d_a, d_b)] = [1, {min(a.shape[1], b.shape[1])}], got {dim}")
 
@@ -351,7 +361,7 @@ def _layers(feats: Sequence[Tensor] | Tensor) -> list[Tensor]:
         if feats.dim() == 3:  # [n, L, d] as platonic-rep stores them
             return [feats[:, i] for i in range(feats.shape[1])]
         raise ValueError(f"layer features must be [n, d], [n, L, d] or a list of [n, d], got {tuple(feats.shape)}")
-    return list(feats)
+    return [f.x if isinstance(f, TokenSet) else f for f in feats]
 
 
 def pairwise_alignment(

@@ -252,3 +252,13 @@ def test_resample_tokens_tokenset():
     assert out.num_items == 3 and out.x.shape == (12, 2)
     assert torch.allclose(out.to_dense()[0], A.resample_grid(x, 4))
     assert A.resample_tokens(ts, 16) is ts
+
+
+def test_losses_run_in_float32_under_autocast():
+    g = torch.Generator().manual_seed(8)
+    pred, targ = torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g)
+    ref = (A.vf_loss(pred, targ), A.nt_xent(pred, targ), A.dispersive_loss(pred), A.neg_cosine(pred, targ))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = (A.vf_loss(pred, targ), A.nt_xent(pred, targ), A.dispersive_loss(pred), A.neg_cosine(pred, targ))
+    for r, o in zip(ref, out, strict=True):
+        assert o.dtype == torch.float32 and o.item() == pytest.approx(r.item(), abs=1e-6)

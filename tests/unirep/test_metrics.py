@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from unirep import metrics as M
+from unirep.tokens import TokenSet
 
 
 def _data(n: int = 120, da: int = 12, db: int = 9, seed: int = 0, noise: float = 0.7) -> tuple[torch.Tensor, ...]:
@@ -244,3 +245,15 @@ def test_bad_inputs_name_the_problem():
         M.cka(a, b, kernel="poly")
     with pytest.raises(ValueError, match="unknown metric"):
         M.pairwise_alignment([a], [b], metric="cca")
+
+
+def test_token_sets_are_compared_token_by_token():
+    a, b = _data(n=40, seed=15)
+    batch = torch.arange(40) // 4
+    ta, tb = TokenSet(a, batch), TokenSet(b, batch)
+    assert M.cka(ta, tb) == pytest.approx(M.cka(a, b), abs=1e-12)
+    assert M.mutual_knn(ta, b, topk=3) == pytest.approx(M.mutual_knn(a, b, topk=3))
+    best, ij, _ = M.pairwise_alignment([ta], [tb], "unbiased_cka")
+    assert ij == (0, 0) and best == pytest.approx(
+        M.unbiased_cka(M.prepare_features(a, 1.0), M.prepare_features(b, 1.0))
+    )
