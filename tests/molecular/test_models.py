@@ -1,0 +1,128 @@
+"""MACEModel: E(3) equivariance in float64, forces = -grad E, dtype isolation, intermediates as token sets."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from molecular.data import AtomicGraph, Structure, collate_graphs, read_structures
+from molecular.models import MACEModel, default_dtype, fit_atomic_energies, fit_scale_shift
+
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "molecular_sample"
+R_MAX = 4.0
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)
+    return MACEModel([1, 6, 8], r_max=R_MAX, num_channels=8, max_L=1, num_interactions=2, max_ell=2,
+                     correlation=2, radial_mlp=(16,), mlp_irreps="8x0e", dtype="float64",
+                     atomic_energies=[-13.0, -48.0, -71.0])
+
+
+@pytest.fixture(scope="module")
+def ethanol():
+    return read_structures(SAMPLE / "md_ethanol.extxyz")[7]
+
+
+def _batch(structs):
+    return collate_graphs([AtomicGraph.from_structure(s, R_MAX) for s in structs])
+
+
+def _random_orthogonal(seed, reflect):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.linalg.det(q))  # a proper rotation
+    return q @ np.diag([1, 1, -1]) if reflect else q
+
+
+def test_global_state_untouched(model64):
+    assert torch.get_default_dtype() == torch.float32
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert next(model64.parameters()).dtype == torch.float64
+    with pytest.raises(RuntimeError):
+        with default_dtype("float64"):
+            assert torch.get_default_dtype() == torch.float64
+            raise RuntimeError("boom")
+    assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_e3_equivariance_batched_with_transformed_copy(model64, ethanol, reflect):
+    rot = _random_orthogonal(1 + reflect, reflect)
+    perm = np.random.default_rng(5).permutation(len(ethanol))
+    shift = np.array([1.5, -2.0, 0.7])
+    moved = Structure(ethanol.numbers[perm], (ethanol.positions @ rot.T + shift)[perm], id="moved")
+    out = model64(_batch([ethanol, moved]), training=False)
+    e, f = out["energy"].detach(), out["forces"].detach().numpy()
+    n = len(ethanol)
+    assert abs(float(e[0] - e[1])) < 1e-9
+    # forces rotate with the structure and follow the permutation
+    np.testing.assert_allclose(f[n:], (f[:n] @ rot.T)[perm], atol=1e-9)
+    # invariant features are invariant, per atom
+    t0, t1 = model64.split_features(out["node_feats"].detach(), _batch([ethanol, moved]), [0, 1])
+    for t in (t0, t1):
+        np.testing.assert_allclose(t.x[n:].numpy(), t.x[:n].numpy()[perm], atol=1e-9)
+
+
+def test_forces_are_minus_energy_gradient(model64, ethanol):
+    f = model64(_batch([ethanol]), training=False)["forces"].detach().numpy()
+    h = 1e-5
+    for atom, c in [(0, 0), (3, 1), (8, 2)]:
+        es = []
+        for sgn in (1, -1):
+            p = ethanol.positions.copy()
+            p[atom, c] += sgn * h
+            es.append(float(model64(_batch([Structure(ethanol.numbers, p)]), compute_forces=False)["energy"].detach()))
+        assert f[atom, c] == pytest.approx(-(es[0] - es[1]) / (2 * h), abs=1e-7)
+
+
+def test_float32_matches_float64(model64, ethanol):
+    m32 = MACEModel(**{**model64.config, "dtype": "float32"})
+    m32.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in model64.state_dict().items()})
+    b = _batch([ethanol])
+    e64 = model64(b, training=False)["energy"].detach()
+    e32 = m32(b, training=False)["energy"].detach()
+    assert e32.dtype == torch.float32
+    assert float(e32) == pytest.approx(float(e64), abs=1e-3)
+
+
+def test_intermediates_shapes_and_backward(model64, ethanol):
+    b = _batch([ethanol, ethanol])
+    inv = model64.forward_intermediates(b)
+    full = model64.forward_intermediates(b, indices=[0], invariant=False)
+    assert [t.dim for t in inv] == [8, 8] and full[0].dim == 8 * 4  # 8x0e + 8x1o
+    assert inv[0].num_items == 2 and torch.equal(inv[0].batch, b.batch)
+    with pytest.raises(IndexError):
+        model64.forward_intermediates(b, indices=[2])
+    # training forward: every parameter gets a finite gradient from an energy + force loss
+    model64.train()
+    out = model64(b)
+    loss = out["energy"].square().sum() + out["forces"].square().mean()
+    loss.backward()
+    model64.eval()
+    for name, p in model64.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model64.zero_grad()
+
+
+def test_unknown_element_is_named(model64):
+    s = Structure([1, 9], [[0, 0, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match=r"\[9\] not in the model's z_table"):
+        model64(_batch([s]))
+
+
+def test_statistics_fit_exact_linear_energies():
+    rng = np.random.default_rng(0)
+    e0 = {1: -13.5, 6: -1030.0, 8: -2040.0}
+    structs = []
+    for k in range(6):
+        nums = rng.choice([1, 6, 8], size=5 + k)
+        structs.append(Structure(nums, rng.normal(size=(len(nums), 3)) * 3, energy=sum(e0[z] for z in nums) + 0.1,
+                                 forces=np.full((len(nums), 3), 0.5)))
+    fit = fit_atomic_energies(structs, [1, 6, 8])
+    pred = [sum(fit[[1, 6, 8].index(z)] for z in s.numbers) for s in structs]
+    np.testing.assert_allclose(pred, [s.energy for s in structs], atol=0.2)
+    scale, shift = fit_scale_shift(structs, [1, 6, 8], [e0[1], e0[6], e0[8]])
+    assert scale == pytest.approx(0.5) and shift == pytest.approx(np.mean([0.1 / len(s) for s in structs]))
