@@ -262,3 +262,16 @@ def test_losses_run_in_float32_under_autocast():
         out = (A.vf_loss(pred, targ), A.nt_xent(pred, targ), A.dispersive_loss(pred), A.neg_cosine(pred, targ))
     for r, o in zip(ref, out, strict=True):
         assert o.dtype == torch.float32 and o.item() == pytest.approx(r.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [A.neg_cosine, A.vf_loss, A.nt_xent, lambda p, t: A.nt_xent(p, t, negatives="item"), A.mse, A.smooth_l1],
+)
+def test_losses_give_finite_gradients_on_ragged_batches(loss):
+    # padded slots (items of 1 and 4 tokens share a [B, 4] dense layout) must not leak inf/NaN into gradients
+    pred, targ = _ragged(d=3, counts=(1, 4, 2), seed=9)
+    x = pred.x.float().requires_grad_(True)
+    out = loss(pred.with_x(x), targ.to(torch.float32))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
