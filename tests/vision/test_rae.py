@@ -139,3 +139,79 @@ def test_bad_grid_is_named():
         RAE(PatchEncoder(8), rae_decoder_tiny(16, grid=4, patch_size=4), final_norm="apply")
     with pytest.raises(ValueError, match="final LayerNorm"):
         RAE(PatchEncoder(16), rae_decoder_tiny(16, grid=4, patch_size=4), final_norm="strip")
+
+
+# -- decoder losses (vision.losses) ------------------------------------------------------------------------------
+from vision.losses import (  # noqa: E402
+    LPIPS,
+    EncoderPerceptualLoss,
+    PatchDiscriminator,
+    gan_adaptive_weight,
+    gan_losses,
+    hinge_d_loss,
+    hinge_g_loss,
+)
+
+
+def test_gan_adaptive_weight_by_hand():
+    w = torch.tensor([[1.0, 2.0], [0.0, -1.0]], requires_grad=True)
+    rec = (w * torch.tensor([[3.0, 0.0], [4.0, 0.0]])).sum()  # gradient norm 5
+    g = (w**2).sum()  # gradient 2w, norm 2 * sqrt(6)
+    assert torch.allclose(gan_adaptive_weight(rec, g, w), torch.tensor(5.0 / (2 * 6**0.5 + 1e-6)))
+    big = (w * 1e-9).sum()  # tiny GAN gradient: clamped at 1e4
+    assert gan_adaptive_weight(rec, big, w) == 1e4
+
+
+def test_gan_losses_update_each_player_with_its_own_objective():
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(3, ndf=8, n_layers=2)
+    gen = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    g_loss, d_loss = gan_losses(disc, x, gen(noise))
+    (g_loss + d_loss).backward()  # one backward over the sum, as the trainer does
+    d_grads = {k: p.grad.clone() for k, p in disc.named_parameters()}
+    g_grads = {k: p.grad.clone() for k, p in gen.named_parameters()}
+    disc.zero_grad()
+    gen.zero_grad()
+    # reference 1: the discriminator's gradient is that of the hinge D loss alone on (real, detached fake)
+    logits = disc(torch.cat([x, gen(noise).detach()]))
+    hinge_d_loss(logits[:4], logits[4:]).backward()
+    for k, p in disc.named_parameters():
+        assert torch.allclose(p.grad, d_grads[k], atol=1e-6), k
+    assert gen.weight.grad is None
+    disc.zero_grad()
+    # reference 2: the generator's gradient is that of the hinge G loss alone (BatchNorm in training mode uses the
+    # statistics of the fake batch in both computations)
+    hinge_g_loss(disc(gen(noise))).backward()
+    for k, p in gen.named_parameters():
+        assert torch.allclose(p.grad, g_grads[k], atol=1e-5), k
+        assert p.grad.abs().sum() > 0
+
+
+def test_encoder_perceptual_loss():
+    torch.manual_seed(0)
+    loss = EncoderPerceptualLoss(PatchEncoder(16))
+    x = torch.randn(2, 3, 16, 16)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    x_rec = torch.randn(2, 3, 16, 16, requires_grad=True)
+    val = loss(x_rec, x)
+    val.backward()
+    assert 0 < val.item() <= 4 and x_rec.grad is not None and x_rec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.encoder.parameters())
+
+
+def test_lpips_from_local_files(tmp_path):
+    torch.manual_seed(0)
+    ref = LPIPS(None, None)
+    vgg = {f"features.{k}": v for k, v in ref.features.state_dict().items()}
+    lins = {f"lin{k}.model.1.weight": m.weight.abs() for k, m in enumerate(ref.lins)}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    torch.save(lins, tmp_path / "lpips_vgg.pth")
+    m = LPIPS(tmp_path / "vgg16.pth", tmp_path / "lpips_vgg.pth")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert m(x, x).item() == pytest.approx(0.0, abs=1e-7)
+    assert m(x, y).item() > 0 and m(x, y).item() == pytest.approx(m(y, x).item(), rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="LPIPS weights file"):
+        LPIPS(tmp_path / "missing.pth", None)
+    with pytest.raises(ValueError, match="not an LPIPS"):
+        LPIPS(None, tmp_path / "vgg16.pth")

@@ -105,3 +105,18 @@ def test_vf_gradient_reaches_encoder_last_layer():
     assert w > 0 and torch.isfinite(w)
     (nll + 0.1 * w * l_vf).backward()
     assert vae.encoder_last_layer.grad is not None and vf.proj.weight.grad is not None
+
+
+def test_reconstruction_metrics_closed_forms():
+    from vision.tokenizers.metrics import frechet_distance, psnr, ssim
+
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert psnr(x + 0.1, x) == pytest.approx(10 * torch.log10(torch.tensor(4.0 / 0.01)).item(), rel=1e-6)
+    assert ssim(x, x) == pytest.approx(1.0) and ssim(x + 0.05 * torch.randn_like(x), x) > ssim(torch.rand_like(x), x)
+    # Gaussians with commuting covariances: ||mu1 - mu2||^2 + sum (sqrt(s1) - sqrt(s2))^2
+    import numpy as np
+
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([1.0, 1.0])
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(1.0 + 1.0 + 1.0)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
