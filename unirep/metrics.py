@@ -52,8 +52,8 @@ __all__ = [
     "METRICS",
 ]
 
-# target number of float32 entries in one chunk of kernel rows (~64 MB): bounds memory for any n
-_CHUNK_ENTRIES = 1 << 24
+# target number of float32 entries in one chunk of kernel rows (~16 MB): bounds memory for any n
+_CHUNK_ENTRIES = 1 << 22
 
 
 def _check(
