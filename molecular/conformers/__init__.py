@@ -11,6 +11,7 @@ from .data import (
     conformer_datamodule,
     featurize,
     make_record,
+    peptide_smiles,
 )
 from .generate import (
     SUPPORTED_ELEMENTS,
@@ -50,6 +51,7 @@ __all__ = [
     "keeps_bond_graph",
     "make_record",
     "mol_from_smiles",
+    "peptide_smiles",
     "prune_conformers",
     "reference_ensemble",
     "rmsd_matrix",

@@ -31,6 +31,7 @@ __all__ = [
     "collate_molecules",
     "conformer_datamodule",
     "QUICKSTART_SMILES",
+    "peptide_smiles",
 ]
 
 _ELEMENT_INDEX = {s: i for i, s in enumerate(SUPPORTED_ELEMENTS)}
@@ -255,8 +256,21 @@ def make_record(
     )
 
 
+def peptide_smiles(sequence: str) -> str:
+    """SMILES of a linear peptide from its one-letter sequence (rdkit's sequence parser; neutral termini).
+
+    Short peptides built this way (and embedded with ETKDG) are the offline protein fragments the local autoencoder
+    trains on; real protein structures come from PDB/mmCIF files through ``molecular.data.read_biomolecule``.
+    """
+    mol = Chem.MolFromSequence(sequence) if sequence and sequence.isalpha() else None
+    if mol is None:
+        raise ValueError(f"invalid peptide sequence {sequence!r}: use one-letter amino-acid codes, e.g. 'GAS'")
+    return Chem.MolToSmiles(mol)
+
+
 def conformer_datamodule(
     smiles: Sequence[str] = QUICKSTART_SMILES,
+    sequences: Sequence[str] = (),
     val_smiles: Sequence[str] | None = None,
     val_fraction: float = 0.2,
     num_confs: int = 10,
@@ -267,12 +281,13 @@ def conformer_datamodule(
 ):
     """A ``unirep.train.DataModule`` of conformer ensembles, split by molecule.
 
-    ``val_smiles`` fixes the held-out molecules; otherwise ``val_fraction`` of ``smiles`` (at least one) is held
+    ``sequences`` adds peptides (one-letter codes, :func:`peptide_smiles`) to ``smiles``. ``val_smiles`` fixes the
+    held-out molecules; otherwise ``val_fraction`` of ``smiles`` (at least one) is held
     out at random with ``seed``. ``info`` carries the element list and feature sizes models are built with.
     """
     from unirep.train import DataModule
 
-    smiles = list(smiles)
+    smiles = list(smiles) + [peptide_smiles(q) for q in sequences]
     if val_smiles is None:
         rng = random.Random(seed)
         order = list(range(len(smiles)))
