@@ -240,7 +240,8 @@ def read_sdf(path: str | os.PathLike, remove_hs: bool = False) -> list[Structure
         if mol is None:
             raise StructureError(f"{path}: molecule {k} is malformed (rdkit could not parse it); fix or remove it")
         if mol.GetNumConformers() == 0:
-            raise StructureError(f"{path}: molecule {k} has no coordinates; an SDF block with 3-D coordinates is needed")
+            raise StructureError(f"{path}: molecule {k} has no coordinates; an SDF block with 3-D coordinates is "
+                                 "needed")
         out.extend(_mol_to_structures(mol, f"{_stem(path)}/{k}", f"{path}:{k}"))
     if not out:
         raise StructureError(f"{path}: no molecules in the file")
@@ -684,7 +685,8 @@ class MMFFCalculator:
                 return self._mol
 
             def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-                from ase.units import kcal, mol as mol_unit
+                from ase.units import kcal
+                from ase.units import mol as mol_unit
                 from rdkit.Chem import AllChem
 
                 super().calculate(atoms, properties, system_changes)

@@ -193,7 +193,8 @@ class MACEModel(nn.Module):
                 num_bessel=num_bessel, num_polynomial_cutoff=num_polynomial_cutoff, max_ell=max_ell,
                 interaction_cls=block, interaction_cls_first=block, num_interactions=num_interactions,
                 num_elements=len(self.z_table), hidden_irreps=hidden, MLP_irreps=o3.Irreps(mlp_irreps),
-                atomic_energies=np.asarray(atomic_energies, dtype=np.float64), avg_num_neighbors=float(avg_num_neighbors),
+                atomic_energies=np.asarray(atomic_energies, dtype=np.float64),
+                avg_num_neighbors=float(avg_num_neighbors),
                 atomic_numbers=self.z_table, correlation=correlation, gate=_GATES[gate],
                 radial_MLP=list(radial_mlp), keep_last_layer_irreps=keep_last_layer_irreps,
             )
@@ -213,7 +214,8 @@ class MACEModel(nn.Module):
         """Adopt an already-built ``mace.modules`` MACE/ScaleShiftMACE (e.g. a MACE-MP-0 or MACE-OFF23 file):
         its elements, cutoff, dtype and per-layer irreps are read from the module itself."""
         if not hasattr(mace_module, "products") or not hasattr(mace_module, "atomic_numbers"):
-            raise TypeError(f"{type(mace_module).__name__} is not a mace.modules MACE model (no products/atomic_numbers)")
+            raise TypeError(f"{type(mace_module).__name__} is not a mace.modules MACE model "
+                            "(no products/atomic_numbers)")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.mace = mace_module
@@ -229,6 +231,26 @@ class MACEModel(nn.Module):
         self.layer_scalar_dims = [sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1)
                                   for irreps in self.layer_irreps]
         return self
+
+    @torch.no_grad()
+    def set_statistics(self, atomic_energies: Sequence[float] | None = None, scale: float | None = None,
+                       shift: float | None = None, avg_num_neighbors: float | None = None) -> None:
+        """Set data statistics after construction (E0s, ScaleShift, message normalisation), as MACE's training
+        script does before training; the constructor arguments in ``config`` follow."""
+        if atomic_energies is not None:
+            e0 = torch.as_tensor(list(atomic_energies), dtype=self.mace.atomic_energies_fn.atomic_energies.dtype)
+            self.mace.atomic_energies_fn.atomic_energies.copy_(e0.view_as(self.mace.atomic_energies_fn.atomic_energies))
+            self.config["atomic_energies"] = [float(v) for v in atomic_energies]
+        if scale is not None:
+            self.mace.scale_shift.scale.fill_(float(scale))
+            self.config["scale"] = float(scale)
+        if shift is not None:
+            self.mace.scale_shift.shift.fill_(float(shift))
+            self.config["shift"] = float(shift)
+        if avg_num_neighbors is not None:
+            for block in self.mace.interactions:
+                block.avg_num_neighbors = float(avg_num_neighbors)
+            self.config["avg_num_neighbors"] = float(avg_num_neighbors)
 
     # -- feature sizes ----------------------------------------------------------------------------------------------
     @property

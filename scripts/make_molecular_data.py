@@ -17,91 +17,16 @@ sample under ``data/molecular_sample/`` that the tests and smoke runs use.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from molecular.data import (  # noqa: E402
-    Structure,
-    label_structures,
-    langevin_md,
-    structures_from_smiles,
-    thermal_displacements,
-    write_extxyz,
-)
-
-NARROW = {  # rMD17's molecules (and a couple more), as SMILES
-    "ethanol": "CCO",
-    "malonaldehyde": "O=CCC=O",
-    "benzene": "c1ccccc1",
-    "toluene": "Cc1ccccc1",
-    "uracil": "O=c1cc[nH]c(=O)[nH]1",
-    "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
-}
-
-# fallback broad set when qm9pack is missing: small H/C/N/O/F molecules, QM9-like
-FALLBACK_SMILES = [
-    "C", "N", "O", "CC", "CN", "CO", "CF", "C=C", "C#C", "C=O", "C#N", "CCC", "CCN", "CC=O", "CC#N", "COC",
-    "CC(C)C", "CC(C)O", "CC(=O)O", "CC(=O)N", "NC=O", "OC=O", "C1CC1", "C1CO1", "C1CN1", "C1CCC1", "C1CCO1",
-    "CCCC", "CCCO", "CCCN", "CCOC", "CC(C)=O", "CC=CC", "C=CC=C", "C=CC#N", "CC#CC", "OCCO", "NCCO", "NCCN",
-    "CC(N)C", "CC(O)C=O", "O=CC=O", "CCC=O", "CCC#N", "FC(F)F", "CC(F)F", "OC(F)C", "c1ccoc1", "c1cc[nH]c1",
-    "c1ccncc1", "c1cnccn1", "c1cncnc1", "C1CCCC1", "C1CCOC1", "C1CCNC1", "CC1CC1", "CCCCC", "CCCCO", "CC(C)CO",
-    "CC(C)(C)O", "CN(C)C", "CNC=O", "CN(C)C=O", "COC=O", "CCOC=O", "NC(=O)N", "CC(=N)N", "N#CC#N", "OC1CC1",
-    "C1=CCC=C1", "C1=CC=CC1", "O=C1CCC1", "O=C1CCO1", "CC(=O)C=C", "C=CC=O", "C=CCO", "C=CCN", "CC=NO",
-]
-
-
-def _qm9_structures(num: int, seed: int, exclude: set[str]) -> list[Structure] | None:
-    try:
-        import qm9pack  # noqa: F401
-    except ImportError:
-        return None
-    import os
-
-    import pandas as pd
-    from ase.data import atomic_numbers
-    from rdkit import Chem
-
-    folder = os.path.join(os.path.dirname(qm9pack.__file__), "data")
-    df = pd.read_csv(os.path.join(folder, "qm9_part1.csv"), usecols=["Index", "SMILES", "Elements", "XYZ_Ang"])
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(df))
-    out = []
-    for k in order:
-        row = df.iloc[int(k)]
-        mol = Chem.MolFromSmiles(row["SMILES"])
-        if mol is None or Chem.MolToSmiles(mol) in exclude:
-            continue
-        numbers = [atomic_numbers[e] for e in ast.literal_eval(row["Elements"])]
-        pos = np.array(ast.literal_eval(row["XYZ_Ang"]), dtype=np.float64)
-        out.append(Structure(numbers, pos, id=f"qm9/{int(row['Index'])}", source=f"qm9pack:{int(row['Index'])}"))
-        if len(out) >= num:
-            break
-    return out
-
-
-def broad_set(num_molecules: int, displacements: int, seed: int, calculator: str) -> tuple[list[Structure], str]:
-    exclude = {__import__("rdkit.Chem", fromlist=["Chem"]).CanonSmiles(s) for s in NARROW.values()}
-    base = _qm9_structures(num_molecules, seed, exclude)
-    origin = "qm9pack"
-    if base is None:
-        from rdkit import Chem
-
-        origin = "rdkit-enumerated"
-        smiles = [s for s in FALLBACK_SMILES if Chem.CanonSmiles(s) not in exclude][:num_molecules]
-        base = structures_from_smiles(smiles, num_confs=1, seed=seed, names=[f"mol{k}" for k in range(len(smiles))])
-    frames: list[Structure] = []
-    for k, s in enumerate(base):
-        frames.append(s)
-        frames.extend(thermal_displacements(s, displacements, sigma=0.04, seed=seed + k, prefix=s.id))
-    return label_structures(frames, calculator), origin
+from molecular.data import Structure, langevin_md, structures_from_smiles, write_extxyz  # noqa: E402
+from molecular.quickstart import NARROW, broad_structures  # noqa: E402
 
 
 def narrow_set(name: str, frames: int, interval: int, seed: int, calculator: str) -> list[Structure]:
@@ -128,7 +53,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"seed": a.seed, "calculator": a.calculator, "units": "eV, eV/Angstrom", "sets": {}}
     t0 = time.time()
-    broad, origin = broad_set(a.broad, a.displacements, a.seed, a.calculator)
+    broad, origin = broad_structures(a.broad, a.displacements, a.seed, a.calculator)
     write_extxyz(broad, out / "broad.extxyz")
     manifest["sets"]["broad"] = {"file": "broad.extxyz", "structures": len(broad), "origin": origin}
     print(f"broad: {len(broad)} structures from {origin} ({time.time() - t0:.0f} s)", flush=True)
