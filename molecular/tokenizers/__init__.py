@@ -10,8 +10,11 @@ from .local_ae import (
     local_ae_tiny,
     real_spherical_harmonics,
 )
+from .task import LocalAETask, reconstruction_metrics
 
 __all__ = [
+    "LocalAETask",
+    "reconstruction_metrics",
     "DEFAULT_Z_TABLE",
     "LocalAtomicAutoencoder",
     "LocalEnvironmentEncoder",

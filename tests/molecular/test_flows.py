@@ -123,3 +123,110 @@ def test_gaussian_prior_zero_com(batch):
     x = GaussianPrior(std=2.0).sample(batch, torch.Generator().manual_seed(0), torch.float64)
     assert (remove_mean(x, batch.batch, batch.num_graphs) - x).abs().max() < 1e-12
     assert 1.3 < float(x.std()) < 2.5
+
+
+# -- tasks ----------------------------------------------------------------------------------------------------
+
+
+class _Data:
+    def __init__(self, train, val):
+        self.train, self.val = train, val
+
+
+def _train_two_steps(task, data):
+    opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+    logs = []
+    for step in range(2):
+        b = collate_molecules([data[i] for i in range(len(data))])
+        out = task(b, step)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        logs.append({k: float(v.detach()) for k, v in out.items()})
+    return logs
+
+
+def test_conformer_flow_trains_samples_zero_com_and_evaluates(data, tmp_path):
+    from molecular.flows.task import ConformerFlowTask
+
+    torch.manual_seed(0)
+    task = ConformerFlowTask(egnn_tiny(NUM_ATOM_FEATURES), prior=HarmonicPrior(), sample_steps=4,
+                             eval_max_molecules=2, sample_smiles=["CCO"])
+    logs = _train_two_steps(task, data)
+    assert all(np.isfinite(v) for log in logs for v in log.values()) and "loss/flow" in logs[0]
+    out = task.generate(data.records[:2], [3, 2], seed=0)
+    assert [o.shape for o in out] == [(3, data.records[0].num_atoms, 3), (2, data.records[1].num_atoms, 3)]
+    for o in out:
+        assert np.abs(o.mean(axis=1)).max() < 1e-5  # zero centre of mass preserved by the sampler
+    m = task.evaluate(_Data(data, data), tmp_path, step=2)
+    assert 0.0 <= m["conf/cov_r_mean"] <= 1.0 and m["conf/mat_r_mean"] > 0 and "conf/valid_graph" in m
+    assert (tmp_path / "eval" / "step_00000002" / "generated.sdf").exists()
+    s = task.sample(tmp_path / "samples", num=2, seed=0)
+    assert s["num"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
+    with pytest.raises(ValueError, match="invalid SMILES"):
+        task.sample(tmp_path / "bad", num=1, seed=0, smiles=["C1CC"])
+    with pytest.raises(ValueError, match="unknown prior"):
+        ConformerFlowTask(egnn_tiny(NUM_ATOM_FEATURES), prior="uniform")
+
+
+def test_sampling_is_equivariant_float64(batch):
+    from unirep.flow import sample_ode
+
+    torch.manual_seed(0)
+    net = egnn_tiny(NUM_ATOM_FEATURES).double()
+    for layer in net.layers:
+        torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.3)
+    x1 = HarmonicPrior().sample(batch, torch.Generator().manual_seed(0), torch.float64)
+    R = torch.from_numpy(special_ortho_group.rvs(3, random_state=5))
+
+    def project(x):
+        return remove_mean(x, batch.batch, batch.num_graphs)
+
+    def fn(x, t):
+        return net(batch, x, t)
+
+    a = sample_ode(fn, x1, steps=5, method="heun", project=project)
+    b = sample_ode(fn, x1 @ R.T, steps=5, method="heun", project=project)
+    torch.testing.assert_close(b, a @ R.T, atol=1e-9, rtol=1e-8)
+    assert (project(a) - a).abs().max() < 1e-12
+
+
+def test_conformer_repa_aligns_a_layer_to_a_frozen_teacher(data):
+    from molecular.flows.task import ConformerFlowTask
+    from molecular.teachers import random_mace_teacher
+    from unirep.align import Aligner, ProjectorMLP, StopAtStep
+
+    torch.manual_seed(0)
+    teacher = random_mace_teacher([1, 6, 7, 8], r_max=4.0)
+    net = egnn_tiny(NUM_ATOM_FEATURES)
+    aligner = Aligner(ProjectorMLP(net.dim, teacher.dim, hidden_dim=32), "neg_cosine", schedule=StopAtStep(0.5, 1))
+    task = ConformerFlowTask(net, aligner=aligner, teacher=teacher, align_layer=1)
+    b = collate_molecules([data[i] for i in range(len(data))])
+    out = task(b, 0)
+    assert {"loss/align", "align/cos", "loss/flow"} <= set(out)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["loss/flow"]) + 0.5 * float(out["loss/align"]), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in aligner.parameters())
+    assert net.layers[0].node_mlp[0].weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in teacher.parameters())
+    late = task(b, 5)  # StopAtStep(0.5, 1): no alignment from step 1 on
+    assert float(late["align/weight"]) == 0.0
+    assert float(late["loss"].detach()) == pytest.approx(float(late["loss/flow"]), rel=1e-6)
+    with pytest.raises(ValueError, match="both an aligner and a teacher"):
+        ConformerFlowTask(egnn_tiny(NUM_ATOM_FEATURES), aligner=aligner)
+
+
+def test_latent_flow_trains_and_samples(data):
+    from molecular.flows.latent import LatentFlowTask
+    from molecular.tokenizers import local_ae_tiny
+
+    torch.manual_seed(0)
+    ae = local_ae_tiny(latent_dim=4)
+    task = LatentFlowTask(egnn_tiny(NUM_ATOM_FEATURES, latent_dim=4), tokenizer=ae, sample_steps=3)
+    logs = _train_two_steps(task, data)
+    assert "loss/latent" in logs[0] and all(np.isfinite(v) for log in logs for v in log.values())
+    assert bool(task.stats_ready) and not any(p.requires_grad for p in ae.parameters())
+    out = task.generate(data.records[:1], [2], seed=1)
+    assert out[0].shape == (2, data.records[0].num_atoms, 3) and np.abs(out[0].mean(1)).max() < 1e-5
+    with pytest.raises(ValueError, match="latent_dim"):
+        LatentFlowTask(egnn_tiny(NUM_ATOM_FEATURES, latent_dim=3), tokenizer=local_ae_tiny(latent_dim=4))
