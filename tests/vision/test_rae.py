@@ -215,3 +215,54 @@ def test_lpips_from_local_files(tmp_path):
         LPIPS(tmp_path / "missing.pth", None)
     with pytest.raises(ValueError, match="not an LPIPS"):
         LPIPS(None, tmp_path / "vgg16.pth")
+
+
+# -- recipes: stage 1 -> checkpoint -> stage 2, bit for bit --------------------------------------------------------
+def _teacher_file(tmp_path) -> str:
+    from safetensors.torch import save_file as save_st
+
+    from vision.encoders import TimmViTEncoder
+
+    torch.manual_seed(0)
+    enc = TimmViTEncoder("unirep_vit_digits", grid_size=8, allow_random_init=True)
+    path = tmp_path / "teacher.safetensors"
+    save_st({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _run(name: str, out_dir, extra: list[str]):
+    from unirep.cli import compose, run_train
+
+    smoke = list(compose("train", [f"experiment=vision/{name}"]).smoke)
+    cfg = compose("train", [f"experiment=vision/{name}", "trainer.max_steps=2", f"out_dir={out_dir}",
+                            "trainer.progress=false", *smoke, *extra])
+    return run_train(cfg)
+
+
+def test_stage1_checkpoint_feeds_stage2_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file as load_st
+
+    from unirep.train import find_checkpoint, load_task
+    from vision.tokenizers.tasks import load_tokenizer
+
+    teacher = _teacher_file(tmp_path)
+    fixed = [f"task.tokenizer.encoder.pretrained_path={teacher}", "task.tokenizer.encoder.allow_random_init=false"]
+    _run("rae_stage1", tmp_path / "s1", fixed)
+    ckpt = find_checkpoint(tmp_path / "s1")
+    tok = load_tokenizer(str(tmp_path / "s1"), fit_statistics="never")
+    # the loaded decoder is the EMA decoder of the checkpoint, exactly
+    ema = load_st(str(ckpt / "ema.safetensors"))
+    for k, v in tok.decoder.state_dict().items():
+        match = [e for name, e in ema.items() if name.endswith(k)]
+        assert match and torch.equal(match[0], v), k
+    assert not any(p.requires_grad for p in tok.parameters())
+    _run("rae_sit", tmp_path / "s2", [f"task.tokenizer.checkpoint={tmp_path / 's1'}"])
+    task, _ = load_task(tmp_path / "s2")
+    assert int(task.tokenizer.stats_items) > 0  # statistics fitted over the training images and saved with stage 2
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    tok2 = task.tokenizer
+    tok.latent_mean.copy_(tok2.latent_mean)
+    tok.latent_std.copy_(tok2.latent_std)
+    z = tok2.encode(x)
+    assert torch.equal(z, tok.encode(x))
+    assert torch.equal(tok2.decode(z), tok.decode(z))
