@@ -17,12 +17,16 @@ __all__ = ["MetricLogger", "plot_loss_curve", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a ``metrics.csv`` as dicts of floats (empty cells left out)."""
+    """Rows of a ``metrics.csv`` as dicts of floats, ``step`` an int (empty cells left out)."""
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+    for r in rows:
+        if "step" in r:
+            r["step"] = int(r["step"])
+    return rows
 
 
 class MetricLogger:

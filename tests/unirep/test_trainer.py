@@ -1,0 +1,278 @@
+"""Trainer: exact resume, NaN guard, accumulation, schedules, data order, logging, to_device."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from unirep.train import DataModule, ResumableBatchSampler, Task, Trainer, load_checkpoint, lr_factor, to_device
+from unirep.train.checkpoint import flatten_optimizer_state
+
+
+class NoisyRegression(Task):
+    """MSE regression with input noise and dropout drawn from the global RNG (so resume must restore it)."""
+
+    def __init__(self, nan_steps: tuple[int, ...] = (), nan_from: int | None = None) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(3, 16), nn.SiLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+        self.nan_steps, self.nan_from = set(nan_steps), nan_from
+        self.seen: dict[int, torch.Tensor] = {}  # step -> flat parameters at the start of that step
+
+    def forward(self, batch, step):
+        x, y = batch
+        self.seen[step] = torch.cat([p.detach().flatten().clone() for p in self.model.parameters()])
+        pred = self.model(x + 0.01 * torch.randn_like(x))
+        loss = (pred - y).square().mean()
+        if step in self.nan_steps or (self.nan_from is not None and step >= self.nan_from):
+            loss = loss * float("nan")
+        return {"loss": loss, "loss/abs": (pred - y).abs().mean()}
+
+
+def _data(n: int = 24) -> DataModule:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 3, generator=g)
+    y = torch.stack([x.sum(1), x[:, 0] * x[:, 1]], dim=1)
+    return DataModule(train=TensorDataset(x, y))
+
+
+def _trainer(task, out_dir, **kw) -> Trainer:
+    args = dict(
+        max_steps=8,
+        batch_size=8,
+        grad_clip=0.5,
+        ema_decay=0.9,
+        log_every=2,
+        ckpt_every=4,
+        keep_last=5,
+        accum_steps=2,
+        precision="fp32",
+        device="cpu",
+        warmup_steps=3,
+        lr_schedule="cosine",
+        seed=3,
+        out_dir=out_dir,
+        progress=False,
+        tensorboard=False,
+    )
+    args.update(kw)
+    return Trainer(task, _data(), functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01), **args)
+
+
+def _opt_tensors(opt):
+    return flatten_optimizer_state(opt.state_dict())
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps + resume + N steps == 2N steps bit for bit: parameters, EMA, optimiser state, lr (crosses epochs)."""
+    torch.manual_seed(0)
+    full = _trainer(NoisyRegression(), tmp_path / "full")
+    full.fit()
+
+    torch.manual_seed(0)
+    crashing = NoisyRegression()
+
+    def crash(step):  # the run dies during step 4, after the checkpoint of step 4 was written
+        if step == 4:
+            raise KeyboardInterrupt
+
+    crashing.on_step_end = crash
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(crashing, tmp_path / "split").fit()
+    torch.manual_seed(123)  # a different initialisation and RNG state: the checkpoint must overwrite both
+    resumed = _trainer(NoisyRegression(), tmp_path / "split", resume="auto")
+    result = resumed.fit()
+    assert result["step"] == 8 and min(resumed.task.seen) == 4  # it really resumed at step 4
+
+    for (k, a), (_, b) in zip(full.task.state_dict().items(), resumed.task.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    for k, v in full.ema.state_dict().items():
+        assert torch.equal(v, resumed.ema.state_dict()[k]), k
+    ta, sa = _opt_tensors(full.optimizer)
+    tb, sb = _opt_tensors(resumed.optimizer)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert sa == sb
+    assert full.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    # the resumed run's CSV reads as one run: rows up to step 4 kept once, then 6 and 8
+    with open(tmp_path / "split" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_resume_from_explicit_path_and_none(tmp_path):
+    torch.manual_seed(0)
+    _trainer(NoisyRegression(), tmp_path / "a", max_steps=4, ckpt_every=2).fit()
+    t = _trainer(
+        NoisyRegression(), tmp_path / "b", max_steps=5, resume=str(tmp_path / "a" / "checkpoints" / "step_00000002")
+    )
+    t.fit()
+    assert min(t.task.seen) == 2
+    t = _trainer(NoisyRegression(), tmp_path / "a", max_steps=1, resume="none")
+    t.fit()
+    assert min(t.task.seen) == 0
+    with pytest.raises(FileNotFoundError, match="trainer.resume"):
+        _trainer(NoisyRegression(), tmp_path / "c", resume=str(tmp_path / "nowhere")).fit()
+
+
+def test_nan_guard_skips_and_stops(tmp_path):
+    torch.manual_seed(0)
+    task = NoisyRegression(nan_steps=(2, 3))
+    trainer = _trainer(task, tmp_path / "nan", max_steps=6, ckpt_every=0, grad_clip=0.0)
+    ema_before = {}
+
+    def snapshot(step):
+        ema_before[step] = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+
+    task.on_step_end = snapshot
+    result = trainer.fit()
+    seen = task.seen
+    assert not torch.equal(seen[1], seen[2])  # step 1 updated the parameters
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])  # steps 2 and 3 did not
+    assert not torch.equal(seen[4], seen[5])  # training went on
+    assert sorted(ema_before) == [0, 1, 4, 5]  # on_step_end (and the EMA update) only after applied steps
+    assert result["bad_steps"] == 2
+    with open(tmp_path / "nan" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["bad_steps"]) for r in rows] == [0, 2, 2]
+    # the window of steps 3-4 had no applied step: no loss is logged for it, and NaN never reaches the log
+    assert [r["loss"] != "" for r in rows] == [True, False, True]
+    assert all(math.isfinite(float(r["loss"])) for r in rows if r["loss"])
+
+    torch.manual_seed(0)
+    task = NoisyRegression(nan_from=1)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        _trainer(task, tmp_path / "stop", max_steps=10, max_bad_steps=3).fit()
+    assert torch.equal(task.seen[1], task.seen[3])
+
+
+def test_accumulation_matches_full_batch(tmp_path):
+    """accum_steps splits the global batch; with a deterministic task the update is the same up to rounding."""
+
+    class Deterministic(NoisyRegression):
+        def __init__(self):
+            super().__init__()
+            self.model[2].p = 0.0
+
+        def forward(self, batch, step):
+            x, y = batch
+            return {"loss": (self.model(x) - y).square().mean()}
+
+    runs = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        t = _trainer(Deterministic(), tmp_path / f"acc{accum}", accum_steps=accum, ckpt_every=0, max_steps=5)
+        t.fit()
+        runs.append(torch.cat([p.flatten() for p in t.task.parameters()]))
+    assert torch.allclose(runs[0], runs[1], atol=1e-6, rtol=0)
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor(4, 14, 4, "cosine") == 1.0
+    assert math.isclose(lr_factor(9, 14, 4, "cosine"), 0.5, abs_tol=1e-12)  # half way: cos(pi / 2)
+    assert math.isclose(lr_factor(14, 14, 4, "cosine", 0.1), 0.1)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(5, 10, 0, "linear")
+
+
+def test_logged_lr_follows_schedule(tmp_path):
+    torch.manual_seed(0)
+    t = _trainer(NoisyRegression(), tmp_path, max_steps=6, log_every=1, warmup_steps=2, lr_schedule="cosine")
+    t.fit()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # the lr logged after step s is the one the next step uses: lr_factor(s + 1)
+    for r in rows:
+        s = int(r["step"])
+        assert math.isclose(float(r["lr"]), 1e-2 * lr_factor(s, 6, 2, "cosine"), rel_tol=1e-9)
+    assert {"loss", "loss/abs", "grad_norm", "steps_per_sec", "epoch"} <= set(rows[0])
+
+
+def test_batch_sampler_order():
+    n, b = 20, 8
+    full = ResumableBatchSampler(n, b, seed=5)
+    it = iter(full)
+    steps = [next(it) for _ in range(6)]  # 2 steps per epoch (drop_last): 3 epochs
+    for e in range(3):
+        epoch = steps[2 * e] + steps[2 * e + 1]
+        assert len(set(epoch)) == 16 and set(epoch) <= set(range(n))
+        assert epoch == torch.randperm(n, generator=torch.Generator().manual_seed(5 + e))[:16].tolist()
+    # starting at step 3 replays the same stream
+    it3 = iter(ResumableBatchSampler(n, b, seed=5, start_step=3))
+    assert [next(it3) for _ in range(3)] == steps[3:]
+    # 2 ranks x 2 micro-batches cover each global batch exactly once
+    parts = [iter(ResumableBatchSampler(n, b, seed=5, rank=r, world_size=2, accum_steps=2)) for r in range(2)]
+    for s in range(4):
+        got = [i for p in parts for _ in range(2) for i in next(p)]
+        assert sorted(got) == sorted(steps[s])
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ResumableBatchSampler(n, 6, world_size=4)
+    with pytest.raises(ValueError, match="fewer than trainer.batch_size"):
+        ResumableBatchSampler(5, 8)
+
+
+def test_data_module_errors():
+    with pytest.raises(ValueError, match="empty"):
+        DataModule(train=TensorDataset(torch.zeros(0, 2)))
+    with pytest.raises(TypeError, match="map-style"):
+        DataModule(train=iter([1, 2]))
+
+
+def test_to_device_nested():
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+        def to(self, device):
+            return Box(self.t.to(device))
+
+    batch = {"a": torch.ones(2), "b": [torch.zeros(1), (torch.ones(1), "s")], "c": Box(torch.ones(3)), "d": 3}
+    out = to_device(batch, "cpu")
+    assert isinstance(out["b"][1], tuple) and out["b"][1][1] == "s" and out["d"] == 3
+    assert isinstance(out["c"], Box) and torch.equal(out["c"].t, torch.ones(3))
+
+
+def test_eval_uses_ema_and_leaves_training_stream(tmp_path):
+    """evaluate() sees the EMA weights, gets logged to CSV/JSON, and does not shift the training RNG stream."""
+
+    class WithEval(NoisyRegression):
+        def evaluate(self, data, out_dir, step):
+            self.eval_params = torch.cat([p.detach().flatten().clone() for p in self.model.parameters()])
+            torch.randn(100)  # consumes the global generator
+            return {"score": float(step), "note": "text is kept in JSON only"}
+
+    torch.manual_seed(0)
+    a = _trainer(WithEval(), tmp_path / "a", eval_every=2, max_steps=4, ckpt_every=0, tensorboard=True)
+    a.fit()
+    torch.manual_seed(0)
+    b = _trainer(NoisyRegression(), tmp_path / "b", max_steps=4, ckpt_every=0)
+    b.fit()
+    assert all(torch.equal(x, y) for x, y in zip(a.task.parameters(), b.task.parameters(), strict=True))
+    ema_flat = torch.cat([a.ema.state_dict()[k].flatten() for k, _ in a.task.model.named_parameters()])
+    assert torch.equal(a.task.eval_params, ema_flat)
+    live = torch.cat([p.detach().flatten() for p in a.task.model.parameters()])
+    assert not torch.equal(live, ema_flat)  # the live weights were restored after evaluation
+    import json
+
+    history = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [2, 4] and history[0]["note"].startswith("text")
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        assert [float(r["eval/score"]) for r in csv.DictReader(f) if r.get("eval/score")] == [2.0, 4.0]
+    assert any((tmp_path / "a" / "tb").iterdir())
+
+
+def test_checkpoint_written_at_end_and_loadable(tmp_path):
+    torch.manual_seed(0)
+    t = _trainer(NoisyRegression(), tmp_path, max_steps=5, ckpt_every=2, keep_last=2)
+    result = t.fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000004", "step_00000005"]
+    fresh = NoisyRegression()
+    state = load_checkpoint(result["checkpoint"], task=fresh)
+    assert state["step"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), t.task.parameters(), strict=True))
