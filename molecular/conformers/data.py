@@ -49,20 +49,14 @@ _BOND_INDEX = {
     Chem.BondType.AROMATIC: 4,
 }
 
-# Small QM9-size molecules with a few rotatable bonds: the quickstart and the smoke tests.
+# QM9-size molecules (at most 9 heavy atoms, H C N O F) with rotatable bonds and rings: the quick start's set.
 QUICKSTART_SMILES: tuple[str, ...] = (
-    "CCO",
-    "CCCO",
-    "CC(C)O",
-    "CCOC",
-    "CCCN",
-    "OCCO",
-    "CC(=O)OC",
-    "CCC(=O)N",
-    "CCOCC",
-    "NCCO",
+    "CCO", "CCCO", "CC(C)O", "CCOC", "CCCN", "OCCO", "CC(=O)OC", "CCC(=O)N", "CCOCC", "NCCO",
+    "CCCC", "CCCCO", "CC(C)CO", "COCCO", "CCNCC", "CC(O)CO", "OCC(O)CO", "CCC(C)O", "CC(C)OC", "NCC(=O)O",
+    "CC(N)C(=O)O", "COC(=O)CN", "CCOC(=O)C", "CC(=O)NCC", "OCCCO", "NCCCN", "CCCCC", "CCCOC", "COCCOC", "CCC(=O)OC",
+    "C1CCOC1", "C1CCNC1", "CC1CCCO1", "OC1CCCC1", "c1ccoc1", "Cc1ccco1", "c1ccncc1", "Cc1ccncc1", "OCc1ccco1",
+    "CC(=O)c1ccco1", "FCCO", "FC(F)CO", "CC(F)CO", "N#CCCO", "CC#CCO", "C=CCOC", "C=CCCO", "OCC#N",
 )
-
 
 @dataclass
 class MoleculeRecord:
@@ -269,7 +263,7 @@ def peptide_smiles(sequence: str) -> str:
 
 
 def conformer_datamodule(
-    smiles: Sequence[str] = QUICKSTART_SMILES,
+    smiles: Sequence[str] | None = None,
     sequences: Sequence[str] = (),
     val_smiles: Sequence[str] | None = None,
     val_fraction: float = 0.2,
@@ -281,13 +275,13 @@ def conformer_datamodule(
 ):
     """A ``unirep.train.DataModule`` of conformer ensembles, split by molecule.
 
-    ``sequences`` adds peptides (one-letter codes, :func:`peptide_smiles`) to ``smiles``. ``val_smiles`` fixes the
+    ``smiles`` defaults to :data:`QUICKSTART_SMILES`. ``sequences`` adds peptides (one-letter codes, :func:`peptide_smiles`) to ``smiles``. ``val_smiles`` fixes the
     held-out molecules; otherwise ``val_fraction`` of ``smiles`` (at least one) is held
     out at random with ``seed``. ``info`` carries the element list and feature sizes models are built with.
     """
     from unirep.train import DataModule
 
-    smiles = list(smiles) + [peptide_smiles(q) for q in sequences]
+    smiles = list(QUICKSTART_SMILES if smiles is None else smiles) + [peptide_smiles(q) for q in sequences]
     if val_smiles is None:
         rng = random.Random(seed)
         order = list(range(len(smiles)))

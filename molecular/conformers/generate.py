@@ -65,7 +65,9 @@ def etkdg_conformers(mol: Chem.Mol, num: int, seed: int = 0, mmff: bool = True, 
     """Embed ``num`` ETKDGv3 conformers (MMFF94-optimised when ``mmff``) into a copy of ``mol``."""
     mol = Chem.Mol(mol)
     params = AllChem.ETKDGv3()
-    params.randomSeed = int(seed)
+    # randomSeed = 0 makes rdkit embed every conformer from the same random state (all copies identical), so
+    # seeds are shifted by one; -1 (rdkit's "random") is never produced
+    params.randomSeed = int(seed) + 1
     params.numThreads = 1
     if max_attempts:
         params.maxIterations = max_attempts

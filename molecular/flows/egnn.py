@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from molecular.conformers.data import NUM_ATOM_FEATURES, NUM_BOND_TYPES
 from unirep.tokens import segment_mean, segment_sum
 
 __all__ = ["EGNNLayer", "EquivariantVelocityNet", "timestep_embedding", "full_edges", "remove_mean"]
@@ -114,8 +115,8 @@ class EquivariantVelocityNet(nn.Module):
 
     def __init__(
         self,
-        num_atom_features: int,
-        num_bond_types: int = 5,
+        num_atom_features: int = NUM_ATOM_FEATURES,
+        num_bond_types: int = NUM_BOND_TYPES,
         hidden: int = 128,
         num_layers: int = 6,
         time_dim: int = 64,
@@ -177,16 +178,19 @@ class EquivariantVelocityNet(nn.Module):
         return v if v_z is None else (v, v_z)
 
 
-def egnn_tiny(num_atom_features: int, num_bond_types: int = 5, latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_tiny(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
+              latent_dim: int = 0) -> EquivariantVelocityNet:
     """Preset for smoke tests: 2 layers of width 32."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 32, 2, 16, latent_dim)
 
 
-def egnn_small(num_atom_features: int, num_bond_types: int = 5, latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_small(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
+               latent_dim: int = 0) -> EquivariantVelocityNet:
     """Preset for CPU runs: 4 layers of width 96."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 96, 4, 32, latent_dim)
 
 
-def egnn_base(num_atom_features: int, num_bond_types: int = 5, latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_base(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
+              latent_dim: int = 0) -> EquivariantVelocityNet:
     """Preset for GPU runs: 8 layers of width 256."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 256, 8, 64, latent_dim)

@@ -26,10 +26,23 @@ from .task import ConformerFlowTask
 __all__ = ["LatentFlowTask", "load_tokenizer"]
 
 
-def load_tokenizer(checkpoint: str, ema: bool = True) -> LocalAtomicAutoencoder:
-    """The autoencoder of a ``local_ae`` training run (``unirep.train.load_task``; nothing is unpickled)."""
-    from unirep.train import load_task
+def load_tokenizer(checkpoint: str | None, ema: bool = True, random_init: bool = False,
+                   latent_dim: int = 8) -> LocalAtomicAutoencoder:
+    """The autoencoder of a ``molecular/local_ae`` run (``unirep.train.load_task``; nothing is unpickled).
 
+    ``random_init=True`` (smoke runs only) returns an untrained ``local_ae_tiny`` with ``latent_dim`` channels instead.
+    """
+    if random_init:
+        from ..tokenizers.local_ae import local_ae_tiny
+
+        return local_ae_tiny(latent_dim=latent_dim)
+    from unirep.train import find_checkpoint, load_task
+
+    if checkpoint is None or find_checkpoint(checkpoint) is None:
+        raise FileNotFoundError(
+            f"no local autoencoder checkpoint at {checkpoint!r}: train one first with "
+            "`unirep-train experiment=molecular/local_ae` and pass task.tokenizer.checkpoint=<its out_dir>"
+        )
     task, _ = load_task(checkpoint, ema=ema)
     model = task.model
     if not isinstance(model, LocalAtomicAutoencoder):
@@ -43,21 +56,16 @@ class LatentFlowTask(ConformerFlowTask):
 
     Args:
         model: :class:`EquivariantVelocityNet` with ``latent_dim`` equal to the tokenizer's.
-        tokenizer: the frozen :class:`LocalAtomicAutoencoder` (a built part), or ``None`` with ``tokenizer_checkpoint``.
-        tokenizer_checkpoint: path of a ``local_ae`` checkpoint to load the tokenizer from.
+        tokenizer: the frozen :class:`LocalAtomicAutoencoder` (a built part; :func:`load_tokenizer` in configs).
         latent_weight: weight of the latent flow-matching loss.
         other arguments: as :class:`ConformerFlowTask`.
     """
 
-    def __init__(self, model: EquivariantVelocityNet, tokenizer: LocalAtomicAutoencoder | None = None,
-                 tokenizer_checkpoint: str | None = None, latent_weight: float = 1.0, **kwargs):
-        if kwargs.get("aligner") is not None:
-            raise ValueError("LatentFlowTask does not take an aligner: use molecular/conformer_repa for alignment")
+    def __init__(self, model: EquivariantVelocityNet, tokenizer: LocalAtomicAutoencoder, latent_weight: float = 1.0,
+                 **kwargs):
+        if kwargs.get("teacher") is not None:
+            raise ValueError("LatentFlowTask does not take a teacher: use molecular/conformer_repa for alignment")
         super().__init__(model, **kwargs)
-        if (tokenizer is None) == (tokenizer_checkpoint is None):
-            raise ValueError("LatentFlowTask needs exactly one of tokenizer (a built autoencoder) or tokenizer_checkpoint")
-        if tokenizer is None:
-            tokenizer = load_tokenizer(tokenizer_checkpoint)
         if tokenizer.latent_dim != model.latent_dim:
             raise ValueError(f"velocity network latent_dim={model.latent_dim} but the autoencoder's latent has "
                              f"{tokenizer.latent_dim} channels: set task.model.latent_dim={tokenizer.latent_dim}")

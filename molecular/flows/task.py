@@ -41,6 +41,7 @@ from molecular.conformers import (
     write_sdf,
     xtb_energy,
 )
+from unirep.align import Aligner, ProjectorMLP, StopAtStep
 from unirep.encoders import FrozenEncoder
 from unirep.flow import flow_matching_loss, interpolate, sample_ode, sample_sde, sample_time, shift_time
 from unirep.tokens import TokenSet
@@ -137,9 +138,11 @@ class ConformerFlowTask(Task):
         prior: ``GaussianPrior`` / ``HarmonicPrior`` (a built part), or ``"gaussian"`` / ``"harmonic"``.
         time_dist, time_mean, time_std, time_shift: training-time distribution (``unirep.flow.sample_time``)
             and noise-time shift (``unirep.flow.shift_time``), the shift also used on the sampling grid.
-        aligner: ``unirep.align.Aligner`` whose projector maps the network width to the teacher's width.
-        teacher: frozen atomistic encoder of the clean structure (``encode(sample) -> TokenSet``).
+        teacher: frozen atomistic encoder of the clean structure (``encode(sample) -> TokenSet`` and ``dim``);
+            enables conformer REPA: an MLP projector (``projector_hidden`` wide, ``projector_layers`` Linear layers,
+            REPA's shape) maps the aligned layer to the teacher's width and ``unirep.align.Aligner`` compares them.
         align_layer: which EGNN layer's node features are aligned (1-based, as ``forward_intermediates``).
+        align_weight, align_loss, align_stop_step: REPA's λ, the loss name, an optional step where λ drops to 0.
         teacher_r_max: radius graph (Å) built for the teacher's input; ``None`` passes the ``MolBatch``.
         sampler: ``"euler"`` / ``"heun"`` ODE or ``"sde"``; ``sample_steps`` steps.
         samples_per_ref: generated conformers per reference conformer in evaluation (2 in the anchors).
@@ -158,9 +161,13 @@ class ConformerFlowTask(Task):
         time_mean: float = 0.0,
         time_std: float = 1.0,
         time_shift: float = 1.0,
-        aligner: nn.Module | None = None,
         teacher: nn.Module | None = None,
         align_layer: int = 2,
+        align_weight: float = 0.5,
+        align_loss: str = "neg_cosine",
+        align_stop_step: int | None = None,
+        projector_hidden: int = 256,
+        projector_layers: int = 3,
         teacher_r_max: float | None = 5.0,
         sampler: str = "euler",
         sample_steps: int = 50,
@@ -179,15 +186,17 @@ class ConformerFlowTask(Task):
             prior = HarmonicPrior() if prior == "harmonic" else GaussianPrior()
         self.prior = prior
         self.time_dist, self.time_mean, self.time_std, self.time_shift = time_dist, time_mean, time_std, time_shift
-        if (aligner is None) != (teacher is None):
-            raise ValueError("conformer alignment needs both an aligner and a teacher (or neither)")
-        if aligner is not None and not 0 <= align_layer <= model.num_layers:
-            raise ValueError(f"align_layer={align_layer} is outside the network's layers 0..{model.num_layers}")
-        self.aligner = aligner
+        self.aligner: Aligner | None = None
         self.teacher = teacher
         if teacher is not None:
+            if not 0 <= align_layer <= model.num_layers:
+                raise ValueError(f"align_layer={align_layer} is outside the network's layers 0..{model.num_layers}")
             teacher.requires_grad_(False)
             teacher.eval()
+            schedule = StopAtStep(align_weight, align_stop_step) if align_stop_step is not None else None
+            projector = ProjectorMLP(model.dim, int(teacher.dim), hidden_dim=projector_hidden,
+                                     num_layers=projector_layers)
+            self.aligner = Aligner(projector, loss=align_loss, weight=align_weight, schedule=schedule)
         self.align_layer = align_layer
         self.teacher_r_max = teacher_r_max
         if sampler not in ("euler", "heun", "sde"):

@@ -152,3 +152,10 @@ def test_featurize_and_collate():
     b = collate_molecules([ds[0], ds[len(ds) - 1]])
     assert b.num_graphs == 2 and b.pos.shape == (9 + 12, 3)
     assert int(b.bond_index.min()) == 0 and int(b.bond_index[:, 16:].min()) >= 9  # offsets applied
+
+
+def test_etkdg_conformers_differ_for_seed_zero():
+    from rdkit.Chem import AllChem
+
+    m = etkdg_conformers(mol_from_smiles("CCCCO"), 4, seed=0, mmff=False)
+    assert min(AllChem.GetConformerRMS(m, 0, i) for i in range(1, 4)) > 0.1
