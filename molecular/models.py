@@ -202,6 +202,8 @@ class MACEModel(nn.Module):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
         self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors), dtype=torch.float64))
+        self.register_load_state_dict_post_hook(self._sync_avg_num_neighbors)
         self.r_max = float(r_max)
         # per-layer feature layout: irreps after each product block; scalars (0e) come first in MACE's irreps
         self.layer_irreps = [p.linear.irreps_out for p in self.mace.products]
@@ -226,6 +228,9 @@ class MACEModel(nn.Module):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
         self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("avg_num_neighbors", torch.tensor(float(mace_module.interactions[0].avg_num_neighbors),
+                                                               dtype=torch.float64))
+        self.register_load_state_dict_post_hook(self._sync_avg_num_neighbors)
         self.layer_irreps = [p.linear.irreps_out for p in mace_module.products]
         self.layer_dims = [ir.dim for ir in self.layer_irreps]
         self.layer_scalar_dims = [sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1)
@@ -248,9 +253,15 @@ class MACEModel(nn.Module):
             self.mace.scale_shift.shift.fill_(float(shift))
             self.config["shift"] = float(shift)
         if avg_num_neighbors is not None:
-            for block in self.mace.interactions:
-                block.avg_num_neighbors = float(avg_num_neighbors)
+            self.avg_num_neighbors.fill_(float(avg_num_neighbors))
+            self._sync_avg_num_neighbors()
             self.config["avg_num_neighbors"] = float(avg_num_neighbors)
+
+    def _sync_avg_num_neighbors(self, *args: Any) -> None:
+        # MACE keeps the message normalisation as a plain float attribute of each interaction block; the buffer
+        # carries it through checkpoints, this copies it back after a load
+        for block in self.mace.interactions:
+            block.avg_num_neighbors = float(self.avg_num_neighbors)
 
     # -- feature sizes ----------------------------------------------------------------------------------------------
     @property

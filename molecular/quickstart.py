@@ -30,7 +30,7 @@ from molecular.data import (
     write_extxyz,
 )
 from molecular.models import MACEModel
-from molecular.teachers.mace import mace_teacher, save_mace_model
+from molecular.teachers.mace import mace_teacher, random_mace_teacher, save_mace_model
 from unirep.encoders import FrozenEncoder
 
 __all__ = ["NARROW", "FALLBACK_SMILES", "ensure_md_set", "ensure_broad_set", "pretrain_mace", "foundation_teacher"]
@@ -189,13 +189,15 @@ def pretrain_mace(train: str | Path, z_table: Sequence[int], steps: int = 600, b
 def foundation_teacher(path: str, train: str = "data/molecular/broad_quick.extxyz", layers: Sequence[int] = (-1,),
                        invariant: bool = True, cache_dir: str | None = "data/cache/molecular/teacher",
                        z_table: Sequence[int] = (1, 6, 7, 8, 9), steps: int = 600, num_molecules: int = 300,
-                       seed: int = 0, model: dict | None = None) -> FrozenEncoder:
+                       seed: int = 0, model: dict | None = None, random_init: bool = False) -> FrozenEncoder:
     """The project's own pre-trained MACE as a frozen teacher (hydra target).
 
     ``path`` is a saved MACE (project format folder, or a unirep checkpoint folder of the foundation recipe).
     When it is missing, the broad set ``train`` is made if needed and a small MACE is pre-trained on it for
-    ``steps`` steps and saved at ``path``.
+    ``steps`` steps and saved at ``path``. ``random_init=True`` gives a tiny random teacher instead (smoke runs).
     """
+    if random_init:
+        return random_mace_teacher(z_table, layers=layers, cache_dir=None)
     folder = Path(path)
     if not folder.exists():
         ensure_broad_set(train, num_molecules=num_molecules, seed=seed)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,20 @@ def mace_data(train: str, val: str | None = None, r_max: float = 5.0, z_table: S
     """Labelled structures from files as a DataModule of graphs (hydra target).
 
     Without ``val``, a seeded split of ``train`` gives the validation set (``n_val`` or ``val_fraction``).
-    ``n_train`` keeps a seeded subset of the remaining training structures (learning curves). ``generate``
-    (``{"molecule": "ethanol", "frames": 200, ...}``) makes a missing narrow MD set first with GFN2-xTB
-    (see ``scripts/make_molecular_data.py``), so a fresh clone runs without preparing data by hand.
+    ``n_train`` keeps a seeded subset of the remaining training structures (learning curves). ``generate`` makes a
+    missing ``train`` file first with GFN2-xTB labels, so a fresh clone runs without preparing data by hand:
+    ``{"kind": "md", "molecule": "ethanol", "frames": 200}`` (one molecule's Langevin MD) or
+    ``{"kind": "broad", "num_molecules": 300}`` (many small molecules; see ``scripts/make_molecular_data.py``).
     """
     train_path = Path(train)
     if not train_path.exists() and generate:
-        from molecular.quickstart import ensure_md_set
+        from molecular.quickstart import ensure_broad_set, ensure_md_set
 
-        ensure_md_set(train_path, **generate)
+        spec = dict(generate)
+        kind = spec.pop("kind", "md")
+        if kind not in ("md", "broad"):
+            raise ValueError(f"data.generate.kind={kind!r}: use 'md' (one molecule's MD) or 'broad' (many molecules)")
+        (ensure_md_set if kind == "md" else ensure_broad_set)(train_path, **spec)
     ds = load_dataset(train_path, r_max=r_max, z_table=z_table, require_labels=True, cache_dir=cache_dir)
     if val is not None:
         val_ds = load_dataset(val, r_max=r_max, z_table=z_table, require_labels=True, cache_dir=cache_dir)
@@ -196,6 +202,7 @@ class MaceTask(Task):
         projector_hidden / projector_layers: the MLP projector's width and number of Linear layers.
         eval_batch_size: batch size in :meth:`evaluate`.
         baseline_steps: optimisation steps of the fresh projectors in the alignment floor (0: skip it).
+        cache_dir: processed-data cache used when reading ``statistics_from``.
     """
 
     def __init__(
@@ -214,6 +221,7 @@ class MaceTask(Task):
         projector_layers: int = 3,
         eval_batch_size: int = 32,
         baseline_steps: int = 300,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -221,6 +229,7 @@ class MaceTask(Task):
         self.forces_weight = float(forces_weight)
         self.eval_batch_size = int(eval_batch_size)
         self.baseline_steps = int(baseline_steps)
+        self.cache_dir = cache_dir
         if statistics_from:
             self.fit_statistics(statistics_from)
         self.teacher = teacher
@@ -234,8 +243,13 @@ class MaceTask(Task):
             self.aligner = Aligner(projector, loss=align_loss, weight=align_weight, schedule=schedule)
 
     def fit_statistics(self, path: str | os.PathLike) -> None:
+        if not Path(path).exists():
+            # a checkpoint being rebuilt elsewhere: its saved buffers hold the statistics
+            warnings.warn(f"statistics_from={path} not found: E0s/scale/shift stay as given (or as loaded from a "
+                          "checkpoint)", stacklevel=2)
+            return
         ds = load_dataset(path, r_max=self.model.r_max, z_table=self.model.z_table, require_labels=True,
-                          cache_dir="data/cache/molecular")
+                          cache_dir=self.cache_dir)
         e0 = fit_atomic_energies(ds.structures, self.model.z_table)
         scale, shift = fit_scale_shift(ds.structures, self.model.z_table, e0)
         neighbours = float(np.mean([g.edge_index.shape[1] / max(1, g.numbers.numel()) for g in ds.graphs]))

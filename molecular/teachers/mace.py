@@ -123,16 +123,17 @@ def load_mace_model(path: str | os.PathLike, trust_pickle: bool = False, dtype: 
         return _load_project_format(path, dtype)
     if path.suffix == ".json" and path.with_suffix(".safetensors").exists():
         return _load_project_format(path.parent, dtype)
-    if path.is_dir() and (path / "state.json").exists():  # a unirep checkpoint of a MaceTask
-        from unirep.train import load_task
+    if path.is_dir() and not (path / "model.json").exists():
+        from unirep.train import find_checkpoint, load_task
 
-        task, _ = load_task(path, ema=True)
+        found = find_checkpoint(path)  # a checkpoint folder, or a run/checkpoints folder (its newest checkpoint)
+        if found is None:
+            raise ValueError(f"{path}: a folder with neither model.json (project format) nor a unirep checkpoint")
+        task, _ = load_task(found, ema=True)
         model = task.model
         if not isinstance(model, MACEModel):
             raise TypeError(f"{path}: checkpoint's task.model is {type(model).__name__}, not a MACEModel")
         return model.to(torch.float64) if dtype in ("float64", "fp64") else model
-    if path.is_dir():
-        raise ValueError(f"{path}: a folder with neither model.json (project format) nor state.json (checkpoint)")
     if not trust_pickle:
         raise PermissionError(
             f"{path} is a pickled MACE model: loading it executes code from the file. Pass trust_pickle=True "
@@ -142,8 +143,14 @@ def load_mace_model(path: str | os.PathLike, trust_pickle: bool = False, dtype: 
 
 
 def mace_teacher(path: str, layers: Sequence[int] = (-1,), invariant: bool = True, trust_pickle: bool = False,
-                 dtype: str | None = None, center: bool = False, cache_dir: str | None = None) -> FrozenEncoder:
-    """A frozen MACE teacher from a local file, with the per-structure feature cache (hydra target)."""
+                 dtype: str | None = None, center: bool = False, cache_dir: str | None = None,
+                 random_init: bool = False, z_table: Sequence[int] = (1, 6, 7, 8, 9)) -> FrozenEncoder:
+    """A frozen MACE teacher from a local file, with the per-structure feature cache (hydra target).
+
+    ``random_init=True`` ignores ``path`` and gives :func:`random_mace_teacher` over ``z_table`` (smoke runs).
+    """
+    if random_init:
+        return random_mace_teacher(z_table, layers=layers, cache_dir=None)
     model = load_mace_model(path, trust_pickle=trust_pickle, dtype=dtype)
     return FrozenEncoder(MACEEncoder(model, layers=layers, invariant=invariant, center=center), cache_dir=cache_dir)
 

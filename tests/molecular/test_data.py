@@ -40,7 +40,7 @@ def test_extxyz_round_trip(tmp_path):
     s = read_structures(SAMPLE / "md_ethanol.extxyz")[:3]
     write_extxyz(s, tmp_path / "x.extxyz")
     r = read_structures(tmp_path / "x.extxyz")
-    for a, b in zip(s, r):
+    for a, b in zip(s, r, strict=False):
         assert a.id == b.id and a.energy == pytest.approx(b.energy, abs=1e-8)
         np.testing.assert_allclose(a.forces, b.forces, atol=1e-7)
 
@@ -77,7 +77,7 @@ def test_bad_inputs_name_file_and_item(tmp_path):
 def _brute_force_edges(pos, r_max):
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
     i, j = np.nonzero((d < r_max) & ~np.eye(len(pos), dtype=bool))
-    return {(int(a), int(b)) for a, b in zip(i, j)}
+    return {(int(a), int(b)) for a, b in zip(i, j, strict=False)}
 
 
 def test_neighbour_graph_molecule_matches_brute_force():
@@ -95,8 +95,8 @@ def test_neighbour_graph_periodic_matches_ase():
     atoms.rattle(0.05, seed=1)
     ei, us = neighbour_graph(atoms.positions, 3.0, np.asarray(atoms.cell), atoms.pbc)
     i, j, S = neighbor_list("ijS", atoms, 3.0)
-    mine = sorted(zip(ei[0].tolist(), ei[1].tolist(), map(tuple, us.tolist())))
-    ref = sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+    mine = sorted(zip(ei[0].tolist(), ei[1].tolist(), map(tuple, us.tolist()), strict=False))
+    ref = sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist()), strict=False))
     assert mine == ref
     # edge vectors r_receiver - r_sender + shift all within the cutoff
     vec = atoms.positions[ei[1]] - atoms.positions[ei[0]] + us @ np.asarray(atoms.cell)
