@@ -132,12 +132,12 @@ def _mae_forward(model: nn.Module, decoder: MAEDecoder, inp: Tensor, mask_ratio:
 
 def train_digits_teacher(
     path: str | os.PathLike = DEFAULT_TEACHER_PATH, steps: int = 1500, batch_size: int = 128, lr: float = 1.5e-3,
-    mask_ratio: float = 0.75, seed: int = 0, log_every: int = 250,
+    mask_ratio: float = 0.75, seed: int = 0, log_every: int = 250, probe: bool = True,
 ) -> dict:
     """Train the digits ViT as a masked autoencoder and save it (safetensors + ``.json`` sidecar).
 
-    Returns the sidecar dict: training settings, wall time, and the linear-probe accuracy on the held-out split of the
-    trained class token and, for reference, of the same architecture at random initialisation.
+    Returns the sidecar dict: training settings, wall time, and (``probe=True``) the linear-probe accuracy on the
+    held-out split of the trained class token and, for reference, of the same architecture at random initialisation.
     """
     from vision.data import DigitsDataset
 
@@ -146,7 +146,7 @@ def train_digits_teacher(
     train = DigitsDataset("train", resolution=TEACHER_RES, channels=1)
     val = DigitsDataset("val", resolution=TEACHER_RES, channels=1)
     enc = TimmViTEncoder(TEACHER_NAME, img_size=TEACHER_RES, allow_random_init=True)
-    random_probe = linear_probe(enc, train.images, train.labels, val.images, val.labels)
+    random_probe = linear_probe(enc, train.images, train.labels, val.images, val.labels) if probe else None
     model = enc.model
     nn.Module.train(model, True)
     model.requires_grad_(True)
@@ -178,12 +178,12 @@ def train_digits_teacher(
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written teacher under the real name
     # probe the saved file through the same loading path every user of the teacher takes
     loaded = TimmViTEncoder(TEACHER_NAME, img_size=TEACHER_RES, pretrained_path=str(path))
-    probe = linear_probe(loaded, train.images, train.labels, val.images, val.labels)
+    acc = linear_probe(loaded, train.images, train.labels, val.images, val.labels) if probe else None
     info = dict(name=TEACHER_NAME, objective="mae", mask_ratio=mask_ratio, steps=steps, batch_size=batch_size, lr=lr,
-                seed=seed, resolution=TEACHER_RES, train_seconds=round(wall, 1), linear_probe_val_acc=probe,
+                seed=seed, resolution=TEACHER_RES, train_seconds=round(wall, 1), linear_probe_val_acc=acc,
                 linear_probe_val_acc_random_init=random_probe, val_items=len(val.labels))
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    print(f"[teacher] saved {path}: linear probe {probe:.3f} (random init {random_probe:.3f}), {wall:.0f}s", flush=True)
+    print(f"[teacher] saved {path}: linear probe {acc} (random init {random_probe}), {wall:.0f}s", flush=True)
     return info
 
 
