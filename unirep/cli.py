@@ -83,7 +83,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         config=resolved,
         **OmegaConf.to_container(cfg.trainer, resolve=True),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        dist_utils.shutdown()
+        raise
     if dist_utils.is_main():
         out_dir = Path(cfg.out_dir)
         png = plot_loss_curve(out_dir / "metrics.csv", out_dir / "loss.png")
@@ -93,6 +97,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             print(f"[unirep] final evaluation: {shown}", flush=True)
         if png is not None:
             print(f"[unirep] loss curve: {png}", flush=True)
+    dist_utils.shutdown()
     return result
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from unirep.train import DataModule, Task, Trainer
+from unirep.train.distributed import shutdown
 
 torch.set_num_threads(1)
 
@@ -58,7 +59,10 @@ def run(out_dir: str, accum_steps: int) -> dict:
         progress=False,
         tensorboard=False,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

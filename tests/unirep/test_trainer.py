@@ -276,3 +276,38 @@ def test_checkpoint_written_at_end_and_loadable(tmp_path):
     state = load_checkpoint(result["checkpoint"], task=fresh)
     assert state["step"] == 5
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), t.task.parameters(), strict=True))
+
+
+def test_worker_processes_do_not_change_the_run(tmp_path):
+    """The batch order comes from the sampler, not from worker scheduling: 0 and 2 workers train identically."""
+    runs = []
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        t = _trainer(NoisyRegression(), tmp_path / f"w{workers}", num_workers=workers, max_steps=4, ckpt_every=0)
+        t.fit()
+        runs.append([p.detach().clone() for p in t.task.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_non_scalar_output_is_refused(tmp_path):
+    class PerItem(NoisyRegression):
+        def forward(self, batch, step):
+            out = super().forward(batch, step)
+            out["per_item"] = torch.zeros(3)
+            return out
+
+    with pytest.raises(ValueError, match="'per_item' with shape \\(3,\\)"):
+        _trainer(PerItem(), tmp_path, max_steps=1).fit()
+
+
+def test_checkpoint_records_data_position(tmp_path):
+    torch.manual_seed(0)
+    _trainer(NoisyRegression(), tmp_path, max_steps=4, ckpt_every=4).fit()
+    import json
+
+    state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "state.json").read_text())
+    # 24 items / 8 per step: 3 steps per epoch, so step 4 is epoch 1, step 1 within it
+    assert state["extra"]["data"] == {
+        "seed": 3, "batch_size": 8, "world_size": 1, "accum_steps": 2, "steps_per_epoch": 3, "epoch": 1,
+        "step_in_epoch": 1,
+    }  # fmt: skip

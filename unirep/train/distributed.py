@@ -8,12 +8,22 @@ processes; only rank 0 logs and writes checkpoints.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "rank", "world_size", "is_main", "barrier", "all_gather_object", "all_reduce_mean"]
+__all__ = [
+    "init_distributed",
+    "shutdown",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_gather_object",
+    "all_reduce_mean",
+]
 
 
 def _env_world() -> int:
@@ -32,7 +42,8 @@ def init_distributed(device: str = "auto") -> torch.device:
         if want_cuda:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+            # rank 0 evaluates alone while the others wait at a barrier: allow long evaluations
+            dist.init_process_group(backend="nccl" if want_cuda else "gloo", timeout=timedelta(hours=2))
         return torch.device("cuda", local) if want_cuda else torch.device("cpu")
     return torch.device("cuda") if want_cuda else torch.device("cpu")
 
@@ -69,3 +80,9 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values / world_size()
+
+
+def shutdown() -> None:
+    """Destroy the process group if one was created (at the end of a torchrun job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -181,6 +181,7 @@ class Trainer:
         self.scheduler: Any = None
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
+        self._steps_per_epoch = max(1, len(data.train) // max(1, batch_size))
 
     # -- pieces --------------------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -222,11 +223,15 @@ class Trainer:
         if dist_utils.is_main():
             extra = {
                 "bad_steps": self.bad_steps,
+                # the data position is a function of (seed, step, batch_size): recorded here for reading and checks
                 "data": {
                     "seed": self.seed,
                     "batch_size": self.batch_size,
                     "world_size": dist_utils.world_size(),
                     "accum_steps": self.accum_steps,
+                    "steps_per_epoch": self._steps_per_epoch,
+                    "epoch": step // self._steps_per_epoch,
+                    "step_in_epoch": step % self._steps_per_epoch,
                 },
             }
             path = save_checkpoint(
@@ -312,6 +317,7 @@ class Trainer:
         sampler = ResumableBatchSampler(
             len(self.data.train), self.batch_size, self.seed, start, rank, world, self.accum_steps
         )
+        self._steps_per_epoch = sampler.steps_per_epoch
         loader = DataLoader(
             self.data.train,
             batch_sampler=sampler,
@@ -358,8 +364,13 @@ class Trainer:
                             )
                         (out["loss"].float() / self.accum_steps).backward()
                     for k, v in out.items():
-                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                        sums[k] = sums.get(k, 0) + v / self.accum_steps
+                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+                        if v.numel() != 1:
+                            raise ValueError(
+                                f"{type(task).__name__}.forward returned {k!r} with shape {tuple(v.shape)}: every "
+                                "entry must be a scalar (reduce it, e.g. .mean(), before returning)"
+                            )
+                        sums[k] = sums.get(k, 0) + v.reshape(()) / self.accum_steps
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 ok = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
                 if world > 1:  # every rank must take the same decision
