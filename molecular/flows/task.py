@@ -91,6 +91,13 @@ def _generation_batches(records: Sequence[MoleculeRecord], counts: Sequence[int]
         yield collate_molecules(items), owners
 
 
+def _safe_energy(mol) -> float:
+    try:
+        return xtb_energy(mol)
+    except Exception:  # SCF failure on a broken structure: no energy, not a crash of the evaluation
+        return float("nan")
+
+
 def evaluate_conformers(
     records: Sequence[MoleculeRecord],
     generated: Sequence[np.ndarray],
@@ -117,8 +124,9 @@ def evaluate_conformers(
         s.update(validity_stats(gens))
         if energies:
             e_ref = min(xtb_energy(m) for m in refs)
-            e_gen = np.array([xtb_energy(m) for m in gens])
-            s["energy_rel_median"] = float(np.median(e_gen - e_ref))  # eV above the reference minimum
+            e_gen = np.array([_safe_energy(m) for m in gens])
+            # eV above the reference minimum; structures where GFN2-xTB fails (overlapping atoms) are left out
+            s["energy_rel_median"] = float(np.nanmedian(e_gen - e_ref)) if np.isfinite(e_gen).any() else float("nan")
         per_mol.append(s)
         mols_all.extend(gens)
         rows.append({"smiles": rec.smiles, "delta": d, "n_ref": len(refs), "n_gen": len(gens), **s})
