@@ -28,6 +28,8 @@ __all__ = ["GaussianMixture2D", "toy_data", "VelocityMLP", "ToyFlowTask", "mmd_r
 
 # Kernel widths of the MMD: from the within-mode scale (std 0.2) through the gap between neighbouring modes
 # (2 R sin(pi / 8) = 1.53 for R = 2) to the ring's radius, so both mode shape and mode weights are compared.
+# Reference values against 1000 held-out points (measured): N(0, I) prior 0.41; moment-matched Gaussian 0.18; half the
+# modes dropped 0.16; a uniform ring without modes 0.029; modes too wide (std 0.3) 0.009; a fresh draw of the data 0.00.
 MMD_BANDWIDTHS: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0)
 
 
