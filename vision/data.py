@@ -322,12 +322,15 @@ class LatentFolder(Dataset):
         self.labels = [0 if e[1] is None else int(e[1]) for e in entries]
         self.num_classes = (max(self.labels) + 1 if any(e[1] is not None for e in entries) else 0) \
             if num_classes is None else num_classes
-        bad = [(f, y) for f, y in zip(self.files, self.labels) if self.num_classes and not 0 <= y < self.num_classes]
+        pairs = zip(self.files, self.labels, strict=True)
+        bad = [(f, y) for f, y in pairs if self.num_classes and not 0 <= y < self.num_classes]
         if bad:
             raise ValueError(f"label {bad[0][1]} of {bad[0][0]} is outside [0, {self.num_classes}): fix dataset.json")
         missing = [f for f in self.files if not f.exists()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} latent files listed in dataset.json are missing, e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"{len(missing)} latent files listed in dataset.json are missing, e.g. {missing[0]}"
+            )
         self.image_root = Path(image_root) if image_root is not None else None
         self.image_resolution = image_resolution
 

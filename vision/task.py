@@ -99,8 +99,8 @@ class VisionFlowTask(Task):
         model: a :class:`vision.models.sit.SiT` (``forward_intermediates(x, t, y, indices, cls=...)``).
         recipe: one of :data:`RECIPES`.
         teacher: frozen encoder: the alignment target of ``repa``/``reg``/``haste`` and, for every recipe, the
-            feature space of FD-teacher and precision/recall in :meth:`evaluate`; wrapped in a :class:`FrozenEncoder`, so its weights are
-            never saved in checkpoints.
+            feature space of FD-teacher and precision/recall in :meth:`evaluate`; wrapped in a
+            :class:`FrozenEncoder`, so its weights are never saved in checkpoints.
         teacher_cache: cache teacher features per item id (in memory, or on disk under ``teacher_cache_dir``). Turn
             it off for data with random augmentations whose ids do not name the augmentation.
         tokenizer: maps data to the space the model is trained in (``None``: pixels, or precomputed latents).
@@ -199,7 +199,8 @@ class VisionFlowTask(Task):
         self.sra_time_gap = sra_time_gap
         self.dispersive_weight, self.dispersive_tau = dispersive_weight, dispersive_tau
         self.reg_weight = reg_weight
-        self.time_sampler, self.time_mean, self.time_std, self.time_shift = time_sampler, time_mean, time_std, time_shift
+        self.time_sampler, self.time_mean, self.time_std = time_sampler, time_mean, time_std
+        self.time_shift = time_shift
         self.sampler, self.sample_steps, self.cfg_scale = sampler, sample_steps, cfg_scale
         self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
         self.guide_channels, self.sample_shift = guide_channels, sample_shift

@@ -191,7 +191,8 @@ def ensure_digits_teacher(path: str | os.PathLike | None = None, steps: int = 15
     """Return the teacher weights file, training it first (a few minutes on CPU) when it is missing."""
     path = Path(path) if path is not None else DEFAULT_TEACHER_PATH
     if not path.is_file():
-        print(f"[teacher] {path} is missing: training the digits teacher ({steps} MAE steps, a few CPU minutes)", flush=True)
+        print(f"[teacher] {path} is missing: training the digits teacher ({steps} MAE steps, a few CPU minutes)",
+              flush=True)
         train_digits_teacher(path, steps=steps, seed=seed)
     return path
 

@@ -1,4 +1,4 @@
-"""vision.data (splits, flips, folders, bad inputs) and vision.encoders (grid matching, weights-file path, fail-fast)."""
+"""vision.data (splits, flips, folders, bad inputs); vision.encoders (grid matching, weights-file path, fail-fast)."""
 
 import json
 import os

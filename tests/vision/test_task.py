@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from unirep.train import DataModule
 from vision.data import DigitsDataset
 from vision.encoders import TimmViTEncoder
 from vision.models.sit import create_sit
 from vision.task import RECIPES, VisionFlowTask, frechet_distance, knn_precision_recall
-from unirep.train import DataModule
 
 
 @pytest.fixture(scope="module")
