@@ -311,3 +311,47 @@ def test_checkpoint_records_data_position(tmp_path):
         "seed": 3, "batch_size": 8, "world_size": 1, "accum_steps": 2, "steps_per_epoch": 3, "epoch": 1,
         "step_in_epoch": 1,
     }  # fmt: skip
+
+
+def test_ema_closed_form_and_frozen_teacher_left_out():
+    from unirep.encoders import FrozenEncoder
+    from unirep.train import EMA
+
+    class Enc(nn.Module):
+        dim = 2
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    model.teacher = FrozenEncoder(Enc())
+    ema = EMA(model, decay=0.9)
+    assert not any(k.startswith("teacher.") for k in ema.state_dict())
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(5.0)
+    for _ in range(3):
+        ema.update(model)
+    # constant target p: ema_k = p + decay^k (ema_0 - p); buffers are copied, not averaged
+    assert torch.allclose(ema.state_dict()["0.weight"], 1.0 + 0.9**3 * (start - 1.0), atol=1e-6)
+    assert torch.equal(ema.state_dict()["1.running_mean"], torch.full((3,), 5.0))
+    with ema.swapped_into(model):
+        assert torch.equal(model[0].weight, ema.state_dict()["0.weight"])
+    assert torch.all(model[0].weight == 1.0)  # the live weights are back
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(model, decay=1.0)
+
+
+def test_custom_scheduler_is_used_and_resumed(tmp_path):
+    sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=0.5)
+    torch.manual_seed(0)
+    t = _trainer(NoisyRegression(), tmp_path, max_steps=4, log_every=1, ckpt_every=2, scheduler=sched)
+    t.fit()
+    with open(tmp_path / "metrics.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3]
+    resumed = _trainer(NoisyRegression(), tmp_path, max_steps=6, ckpt_every=2, scheduler=sched)
+    resumed.fit()
+    assert resumed.scheduler.last_epoch == 6 and math.isclose(resumed.optimizer.param_groups[0]["lr"], 1.25e-3)
