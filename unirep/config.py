@@ -43,6 +43,7 @@ class TrainerConfig:
     tensorboard: bool = True
     eval_at_end: bool = True
     find_unused_parameters: bool = False
+    handle_signals: bool = True
 
 
 @dataclass

@@ -355,3 +355,27 @@ def test_custom_scheduler_is_used_and_resumed(tmp_path):
     resumed = _trainer(NoisyRegression(), tmp_path, max_steps=6, ckpt_every=2, scheduler=sched)
     resumed.fit()
     assert resumed.scheduler.last_epoch == 6 and math.isclose(resumed.optimizer.param_groups[0]["lr"], 1.25e-3)
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
+    """A pre-emption signal mid-run: the step finishes, a checkpoint is written, and resuming equals no signal."""
+    import os
+    import signal
+
+    torch.manual_seed(0)
+    full = _trainer(NoisyRegression(), tmp_path / "full", ckpt_every=0)
+    full.fit()
+
+    torch.manual_seed(0)
+    task = NoisyRegression()
+    task.on_step_end = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
+    stopped = _trainer(task, tmp_path / "cut", ckpt_every=0)
+    before = signal.getsignal(signal.SIGTERM)
+    result = stopped.fit()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is uninstalled after fit
+    assert result["interrupted"] and result["step"] == 3 and max(task.seen) == 2
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step_00000003"]
+
+    resumed = _trainer(NoisyRegression(), tmp_path / "cut", ckpt_every=0)
+    assert not resumed.fit()["interrupted"]
+    assert all(torch.equal(a, b) for a, b in zip(full.task.parameters(), resumed.task.parameters(), strict=True))

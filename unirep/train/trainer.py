@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -115,6 +117,8 @@ class Trainer:
         tensorboard: write TensorBoard events under ``out_dir/tb``.
         eval_at_end: run ``task.evaluate`` after the last step.
         find_unused_parameters: passed to DistributedDataParallel (tasks whose graph skips parameters on some steps).
+        handle_signals: on SIGTERM or SIGUSR1 (a cluster's pre-emption notice) finish the current step, write a
+            checkpoint and return with ``interrupted=True``, so ``trainer.resume=auto`` continues exactly.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Trainer:
         tensorboard: bool = True,
         eval_at_end: bool = True,
         find_unused_parameters: bool = False,
+        handle_signals: bool = True,
     ) -> None:
         if not isinstance(task, nn.Module) or not isinstance(getattr(task, "model", None), nn.Module):
             raise TypeError(f"Trainer: task must be an nn.Module with a .model submodule, got {type(task).__name__}")
@@ -182,6 +187,9 @@ class Trainer:
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
         self._steps_per_epoch = max(1, len(data.train) // max(1, batch_size))
+        self.handle_signals = handle_signals
+        self._stop_signal: str | None = None
+        self.interrupted = False
 
     # -- pieces --------------------------------------------------------------------------------------------------
     def _resume_path(self) -> Path | None:
@@ -270,6 +278,25 @@ class Trainer:
         self.last_eval = metrics
         return metrics
 
+    def _install_signals(self) -> dict[int, Any]:
+        """Turn SIGTERM/SIGUSR1 into a stop at the end of the current step (main thread only)."""
+        self._stop_signal, self.interrupted = None, False
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train up to ``max_steps`` (resuming if asked); returns ``{"step", "eval", "checkpoint", "bad_steps"}``."""
@@ -348,6 +375,7 @@ class Trainer:
         max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
         window: dict[str, torch.Tensor] = {}
         window_steps, consecutive_bad, t_last, evaluated_at = 0, 0, time.perf_counter(), -1
+        previous_handlers = self._install_signals()
         try:
             for step in range(start, self.max_steps):
                 sums: dict[str, torch.Tensor] = {}
@@ -373,10 +401,10 @@ class Trainer:
                         sums[k] = sums.get(k, 0) + v.reshape(()) / self.accum_steps
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 ok = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
-                if world > 1:  # every rank must take the same decision
-                    flag = ok.float().to(device)
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                    ok = flag > 0
+                if world > 1:  # every rank must take the same decisions: [apply this step, keep running]
+                    flags = torch.stack([ok.float(), torch.tensor(float(not self._stop_signal))]).to(device)
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+                    ok, stop_all = flags[0] > 0, bool(flags[1] == 0)
                 if bool(ok):
                     optimizer.step()
                     ema.update(task.model)
@@ -429,16 +457,36 @@ class Trainer:
                 if self.eval_every and self.eval_every > 0 and done % self.eval_every == 0:
                     self.evaluate(done, logger)
                     evaluated_at = done
+                # one process stops right after the step in which the signal came; ranks agree on the flag above
+                stop = stop_all if world > 1 else self._stop_signal is not None
                 if (self.ckpt_every and self.ckpt_every > 0 and done % self.ckpt_every == 0) or done == self.max_steps:
                     self.save(done)
-            if self.eval_at_end and evaluated_at != self.step and (self.step > start or not self.last_eval):
+                elif stop:
+                    self.save(done)
+                if stop:
+                    self.interrupted = True
+                    if main:
+                        print(
+                            f"[unirep] stopped by {self._stop_signal or 'a signal on another rank'} after step {done}; "
+                            f"checkpoint written, resume with trainer.resume=auto",
+                            flush=True,
+                        )
+                    break
+            if (
+                not self.interrupted
+                and self.eval_at_end
+                and evaluated_at != self.step
+                and (self.step > start or not self.last_eval)
+            ):
                 self.evaluate(self.step, logger)
         finally:
+            self._restore_signals(previous_handlers)
             bar.close()
             if logger is not None:
                 logger.close()
             del batches
         return {
+            "interrupted": self.interrupted,
             "step": self.step,
             "eval": self.last_eval,
             "checkpoint": self.last_checkpoint,
