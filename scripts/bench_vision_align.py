@@ -96,7 +96,7 @@ def time_steps(args: argparse.Namespace) -> dict:
     result = {}
     for recipe in args.recipes:
         for cache in ([False] if recipe == "sit" else [True, False]):
-            task = instantiate(_compose(recipe, [f"task.teacher_cache={str(cache).lower()}"]).task, _convert_="object")
+            task = instantiate(_compose(recipe, [f"+task.teacher_cache={str(cache).lower()}"]).task, _convert_="object")
             opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
             for b in batches:  # warm-up pass: fills the cache (when on) and the allocator
                 task(b, 0)["loss"].backward()
