@@ -104,4 +104,4 @@ def test_console_entry_point_trains(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "final evaluation: mmd=" in proc.stdout
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "step_00000002").is_dir()
-    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file() and (out / "train.log").is_file()
