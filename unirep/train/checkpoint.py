@@ -151,6 +151,20 @@ def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints (``step_N`` folders with a ``state.json``) under ``root``, oldest first."""
     root = Path(root)
@@ -221,8 +235,7 @@ def save_checkpoint(
     _save_tensors({f"rank{r}/{k}": v for r, (t, _) in enumerate(rng) for k, v in t.items()}, tmp / "rng.safetensors")
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    _fsync_tree(tmp)  # the data is on disk before the rename makes it the newest checkpoint
     # the rename is the commit point: before it the previous checkpoints are untouched
     if final.exists():
         old = root / f".old-{final.name}-{os.getpid()}"

@@ -299,7 +299,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train up to ``max_steps`` (resuming if asked); returns ``{"step", "eval", "checkpoint", "bad_steps"}``."""
+        """Train up to ``max_steps`` (resuming if asked).
+
+        Returns ``{"interrupted", "step", "eval", "checkpoint", "bad_steps"}``: whether a signal stopped the run, the
+        steps done, the last evaluation's metrics, the last checkpoint folder (rank 0) and the skipped steps.
+        """
         device = dist_utils.init_distributed(self.device_name)
         rank, world = dist_utils.rank(), dist_utils.world_size()
         main = rank == 0
