@@ -40,7 +40,8 @@ def _quote(smiles: list[str]) -> str:
     return "[" + ",".join(f"'{s}'" for s in smiles) + "]"
 
 
-def _train(recipe: str, out: Path, steps: int, train: list[str], val: list[str], extra: list[str]) -> tuple[float, Path]:
+def _train(recipe: str, out: Path, steps: int, train: list[str], val: list[str],
+           extra: list[str]) -> tuple[float, Path]:
     """Train one recipe through the project's trainer; returns (training steps/s, run folder)."""
     run = out / recipe
     overrides = [
@@ -60,7 +61,7 @@ def _train(recipe: str, out: Path, steps: int, train: list[str], val: list[str],
 def _etkdg(records, counts, seed: int, mmff: bool) -> tuple[list[np.ndarray], float]:
     t0 = time.perf_counter()
     out = []
-    for rec, k in zip(records, counts):
+    for rec, k in zip(records, counts, strict=True):
         mol = etkdg_conformers(rec.mol, k, seed=seed, mmff=mmff)
         pos = [m.GetConformer().GetPositions() for m in conformer_mols(mol)]
         while len(pos) < k:  # ETKDG may return fewer than asked: repeat (counts as duplicates, as in the anchors)

@@ -159,7 +159,8 @@ class MolBatch:
         graphs = []
         for g in range(self.num_graphs):
             m = (self.batch == g).cpu()
-            s = Structure(numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(), id=self.ids[g] if self.ids else "")
+            s = Structure(numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(),
+                          id=self.ids[g] if self.ids else "")
             graphs.append(AtomicGraph.from_structure(s, r_max))
         return collate_graphs(graphs).to(self.pos.device)
 
@@ -275,9 +276,10 @@ def conformer_datamodule(
 ):
     """A ``unirep.train.DataModule`` of conformer ensembles, split by molecule.
 
-    ``smiles`` defaults to :data:`QUICKSTART_SMILES`. ``sequences`` adds peptides (one-letter codes, :func:`peptide_smiles`) to ``smiles``. ``val_smiles`` fixes the
-    held-out molecules; otherwise ``val_fraction`` of ``smiles`` (at least one) is held
-    out at random with ``seed``. ``info`` carries the element list and feature sizes models are built with.
+    ``smiles`` defaults to :data:`QUICKSTART_SMILES`. ``sequences`` adds peptides (one-letter codes,
+    :func:`peptide_smiles`) to ``smiles``. ``val_smiles`` fixes the held-out molecules; otherwise ``val_fraction``
+    of ``smiles`` (at least one) is held out at random with ``seed``. ``info`` carries the element list and the
+    feature sizes models are built with.
     """
     from unirep.train import DataModule
 
@@ -298,5 +300,6 @@ def conformer_datamodule(
     kw = dict(num_confs=num_confs, max_confs=max_confs, relax=relax, prune_rmsd=prune_rmsd, seed=seed)
     train_ds = ConformerDataset.from_smiles(train, **kw)
     val_ds = ConformerDataset.from_smiles(val, **kw) if val else None
-    info = {"elements": list(SUPPORTED_ELEMENTS), "num_atom_features": NUM_ATOM_FEATURES, "num_bond_types": NUM_BOND_TYPES}
+    info = {"elements": list(SUPPORTED_ELEMENTS), "num_atom_features": NUM_ATOM_FEATURES,
+            "num_bond_types": NUM_BOND_TYPES}
     return DataModule(train_ds, val_ds, collate_fn=collate_molecules, info=info)

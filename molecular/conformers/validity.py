@@ -23,7 +23,7 @@ def with_coordinates(template: Chem.Mol, pos: np.ndarray) -> Chem.Mol:
     if pos.shape != (n, 3):
         raise ValueError(f"coordinates of shape {pos.shape} do not fit molecule with {n} atoms: need [{n}, 3]")
     if not np.isfinite(pos).all():
-        raise ValueError("coordinates contain NaN or inf: the sampler diverged (lower the step size or check the model)")
+        raise ValueError("coordinates contain NaN or inf: the sampler diverged (use more steps or check the model)")
     mol = Chem.Mol(template)
     mol.RemoveAllConformers()
     conf = Chem.Conformer(n)
@@ -76,5 +76,5 @@ def validity_stats(mols: Sequence[Chem.Mol]) -> dict[str, float]:
     if not mols:
         return {"valid_graph": float("nan"), "valid_smiles": float("nan")}
     graph = [keeps_bond_graph(m) for m in mols]
-    smiles = [g and sanitises_to_same(m) for g, m in zip(graph, mols)]
+    smiles = [g and sanitises_to_same(m) for g, m in zip(graph, mols, strict=True)]
     return {"valid_graph": float(np.mean(graph)), "valid_smiles": float(np.mean(smiles))}

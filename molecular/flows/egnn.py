@@ -51,7 +51,7 @@ def full_edges(batch: Tensor, num_graphs: int) -> Tensor:
     counts = torch.bincount(batch, minlength=num_graphs)
     starts = torch.cumsum(counts, 0) - counts
     src, dst = [], []
-    for n, s in zip(counts.tolist(), starts.tolist()):
+    for n, s in zip(counts.tolist(), starts.tolist(), strict=True):
         idx = torch.arange(n, device=batch.device)
         i, j = torch.meshgrid(idx, idx, indexing="ij")
         keep = i != j

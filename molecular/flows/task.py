@@ -79,7 +79,7 @@ def teacher_tokens(teacher: nn.Module, batch, r_max: float | None) -> TokenSet:
 def _generation_batches(records: Sequence[MoleculeRecord], counts: Sequence[int], max_atoms: int):
     """Yield ``(MolBatch, [(record index, copy index), ...])`` with at most ``max_atoms`` atoms per batch."""
     items, owners, atoms = [], [], 0
-    for r, (rec, k) in enumerate(zip(records, counts)):
+    for r, (rec, k) in enumerate(zip(records, counts, strict=True)):
         for c in range(k):
             if items and atoms + rec.num_atoms > max_atoms:
                 yield collate_molecules(items), owners
@@ -110,7 +110,7 @@ def evaluate_conformers(
     per-molecule rows. ``delta`` defaults to 0.5 Å for QM9-size molecules and 0.75 Å for larger ones.
     """
     rows, per_mol, mols_all, n_fail = [], [], [], 0
-    for rec, pos in zip(records, generated):
+    for rec, pos in zip(records, generated, strict=True):
         refs = [with_coordinates(rec.mol, c.numpy()) for c in rec.conformers.double()]
         try:
             gens = [with_coordinates(rec.mol, p) for p in pos]
@@ -234,7 +234,8 @@ class ConformerFlowTask(Task):
             student = TokenSet(feats[self.align_layer], bidx, None, n_graphs)
             a = self.aligner(student, target, step)
             loss = loss + a["loss"]
-            out.update({"loss/align": a["raw"].detach(), "align/cos": a["cos"], "align/weight": torch.tensor(a["weight"])})
+            out.update({"loss/align": a["raw"].detach(), "align/cos": a["cos"],
+                        "align/weight": torch.tensor(a["weight"])})
         out["loss"] = loss
         return out
 
@@ -263,7 +264,7 @@ class ConformerFlowTask(Task):
         """``counts[i]`` conformers of ``records[i]`` each: a list of ``[counts[i], N_i, 3]`` arrays (Å)."""
         device = next(self.model.parameters()).device
         gen = torch.Generator().manual_seed(int(seed))
-        out = [np.zeros((k, rec.num_atoms, 3)) for rec, k in zip(records, counts)]
+        out = [np.zeros((k, rec.num_atoms, 3)) for rec, k in zip(records, counts, strict=True)]
         was_training = self.model.training
         self.model.eval()
         for batch, owners in _generation_batches(records, counts, self.max_atoms_per_batch):
@@ -292,7 +293,7 @@ class ConformerFlowTask(Task):
         agg, rows = evaluate_conformers(records, generated, self.delta, self.eval_energies)
         folder = Path(out_dir) / "eval" / f"step_{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        mols = [with_coordinates(rec.mol, p) for rec, pos in zip(records, generated) for p in pos
+        mols = [with_coordinates(rec.mol, p) for rec, pos in zip(records, generated, strict=True) for p in pos
                 if np.isfinite(p).all()]
         write_sdf(mols, folder / "generated.sdf")
         (folder / "per_molecule.json").write_text(json.dumps(rows, indent=1))
@@ -313,7 +314,7 @@ class ConformerFlowTask(Task):
         records = [make_record(s, num_confs=1, max_confs=1) for s in smiles]
         generated = self.generate(records, [num] * len(records), seed)
         mols, props = [], []
-        for rec, pos in zip(records, generated):
+        for rec, pos in zip(records, generated, strict=True):
             for i, p in enumerate(pos):
                 if np.isfinite(p).all():
                     mols.append(with_coordinates(rec.mol, p))
@@ -321,4 +322,4 @@ class ConformerFlowTask(Task):
         out_dir = Path(out_dir)
         sdf = write_sdf(mols, out_dir / "conformers.sdf", props)
         xyz = write_extxyz(mols, out_dir / "conformers.extxyz", [{"sample": p["sample"]} for p in props])
-        return {"sdf": str(sdf), "extxyz": str(xyz), "num": len(mols), **validity_stats(mols)}
+        return {"sdf": str(sdf), "extxyz": str(xyz), "num_structures": len(mols), **validity_stats(mols)}

@@ -161,9 +161,8 @@ class LocalAETask(Task):
         return out
 
     def _teacher_alignment(self, val, device) -> dict[str, float]:
-        from unirep.metrics import cka, mutual_knn
-
         from molecular.flows.task import teacher_tokens
+        from unirep.metrics import cka, mutual_knn
 
         zs, ts = [], []
         for b in self._batches(val, self.eval_max_structures):

@@ -6,8 +6,8 @@ import torch
 from scipy.stats import special_ortho_group
 
 from molecular.conformers import ConformerDataset, collate_molecules
-from molecular.flows import GaussianPrior, HarmonicPrior, bond_laplacian, egnn_tiny, remove_mean
 from molecular.conformers.data import NUM_ATOM_FEATURES
+from molecular.flows import GaussianPrior, HarmonicPrior, bond_laplacian, egnn_tiny, remove_mean
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_conformer_flow_trains_samples_zero_com_and_evaluates(data, tmp_path):
     assert 0.0 <= m["conf/cov_r_mean"] <= 1.0 and m["conf/mat_r_mean"] > 0 and "conf/valid_graph" in m
     assert (tmp_path / "eval" / "step_00000002" / "generated.sdf").exists()
     s = task.sample(tmp_path / "samples", num=2, seed=0)
-    assert s["num"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
+    assert s["num_structures"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
     with pytest.raises(ValueError, match="invalid SMILES"):
         task.sample(tmp_path / "bad", num=1, seed=0, smiles=["C1CC"])
     with pytest.raises(ValueError, match="unknown prior"):
@@ -203,7 +203,8 @@ def test_conformer_repa_aligns_a_layer_to_a_frozen_teacher(data):
     b = collate_molecules([data[i] for i in range(len(data))])
     out = task(b, 0)
     assert {"loss/align", "align/cos", "loss/flow"} <= set(out)
-    assert float(out["loss"].detach()) == pytest.approx(float(out["loss/flow"]) + 0.5 * float(out["loss/align"]), rel=1e-5)
+    expect = float(out["loss/flow"]) + 0.5 * float(out["loss/align"])
+    assert float(out["loss"].detach()) == pytest.approx(expect, rel=1e-5)
     out["loss"].backward()
     assert all(p.grad is not None for p in aligner.parameters())
     assert net.layers[0].node_mlp[0].weight.grad.abs().sum() > 0
@@ -245,4 +246,4 @@ def test_recipe_trains_two_steps_and_samples(name, tmp_path):
     if name == "conformer_quickstart":  # unirep-sample rebuilds the task from the checkpoint and writes SDF
         s = run_sample(compose("sample", [f"checkpoint={tmp_path}", "num=2", "+sample.smiles=[CCOC]",
                                           "device=cpu"]))
-        assert s["num"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
+        assert s["num_structures"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
