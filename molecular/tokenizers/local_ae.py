@@ -237,9 +237,13 @@ class LocalAtomicAutoencoder(Tokenizer):
         return self.encoder.latent_dim
 
     def as_graph_batch(self, batch):
+        """A ``GraphBatch`` with this encoder's ``r_max`` radius graph (a ``MolBatch`` is converted; a
+        ``GraphBatch`` built for another cutoff is re-graphed, so the environment is always the full 6 Å)."""
         if hasattr(batch, "graph_batch"):  # a MolBatch
             return batch.graph_batch(self.r_max)
-        return batch
+        from molecular.data import regraph
+
+        return regraph(batch, self.r_max)
 
     def _encode(self, batch) -> Tensor:
         g = self.as_graph_batch(batch)
