@@ -7,7 +7,7 @@ QM9-size molecules), validity (bond graph kept; sanitises to the same SMILES) an
 reference minimum. Test references are ETKDG + MMFF94 ensembles relaxed with GFN2-xTB (tblite) and de-duplicated,
 so that neither ETKDG nor MMFF minima are the reference by construction.
 
-    .venv/bin/python scripts/bench_conformers.py                    # modest default (CPU, ~15-25 min)
+    .venv/bin/python scripts/bench_conformers.py                    # modest default (CPU, ~20 min)
     .venv/bin/python scripts/bench_conformers.py --steps 200 --teacher random   # a quick functional check
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (the README table).
@@ -73,8 +73,8 @@ def _etkdg(records, counts, seed: int, mmff: bool) -> tuple[list[np.ndarray], fl
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_conformers")
-    p.add_argument("--steps", type=int, default=1500, help="training steps of every model")
-    p.add_argument("--ae-steps", type=int, default=1500, help="training steps of the local autoencoder")
+    p.add_argument("--steps", type=int, default=700, help="training steps of every model")
+    p.add_argument("--ae-steps", type=int, default=500, help="training steps of the local autoencoder")
     p.add_argument("--num-test", type=int, default=8, help="held-out molecules")
     p.add_argument("--max-confs", type=int, default=6, help="reference conformers per test molecule (at most)")
     p.add_argument("--sample-steps", type=int, default=50)
