@@ -232,18 +232,17 @@ def test_latent_flow_trains_and_samples(data):
         LatentFlowTask(egnn_tiny(NUM_ATOM_FEATURES, latent_dim=3), tokenizer=local_ae_tiny(latent_dim=4))
 
 
-@pytest.mark.parametrize(
-    "name", ["conformer_quickstart", "conformer_flow", "conformer_repa", "local_ae", "latent_flow"]
-)
-def test_recipe_trains_two_steps_and_samples(name, tmp_path):
+def test_quickstart_recipe_trains_evaluates_and_samples(tmp_path):
+    """The issue's "done when" path on a smoke budget (every recipe's 2-step run is in tests/unirep/test_configs.py)."""
     from unirep.cli import compose, run_sample, run_train
 
+    name = "conformer_quickstart"
     base = compose("train", [f"experiment=molecular/{name}"])
     cfg = compose("train", [f"experiment=molecular/{name}", "trainer.max_steps=2", f"out_dir={tmp_path}",
                             *base.smoke])
     res = run_train(cfg)
-    assert res["step"] == 2 and all(np.isfinite(v) for v in res["eval"].values() if isinstance(v, float))
-    if name == "conformer_quickstart":  # unirep-sample rebuilds the task from the checkpoint and writes SDF
-        s = run_sample(compose("sample", [f"checkpoint={tmp_path}", "num=2", "+sample.smiles=[CCOC]",
-                                          "device=cpu"]))
-        assert s["num_structures"] == 2 and (tmp_path / "samples" / "conformers.sdf").exists()
+    assert res["step"] == 2 and 0.0 <= res["eval"]["conf/cov_r_mean"] <= 1.0
+    assert all(np.isfinite(v) for v in res["eval"].values() if isinstance(v, float))
+    # unirep-sample rebuilds the task from the checkpoint and writes SDF + extxyz
+    s = run_sample(compose("sample", [f"checkpoint={tmp_path}", "num=2", "+sample.smiles=[CCOC]", "device=cpu"]))
+    assert s["num_structures"] == 2 and (tmp_path / "samples" / "conformers.extxyz").exists()
