@@ -203,6 +203,7 @@ class MaceTask(Task):
         eval_batch_size: batch size in :meth:`evaluate`.
         baseline_steps: optimisation steps of the fresh projectors in the alignment floor (0: skip it).
         cache_dir: processed-data cache used when reading ``statistics_from``.
+        teacher_cache: read teacher features from the per-structure cache (False: recompute every step, for timing).
     """
 
     def __init__(
@@ -222,6 +223,7 @@ class MaceTask(Task):
         eval_batch_size: int = 32,
         baseline_steps: int = 300,
         cache_dir: str | None = None,
+        teacher_cache: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -230,6 +232,7 @@ class MaceTask(Task):
         self.eval_batch_size = int(eval_batch_size)
         self.baseline_steps = int(baseline_steps)
         self.cache_dir = cache_dir
+        self.teacher_cache = bool(teacher_cache)
         if statistics_from:
             self.fit_statistics(statistics_from)
         self.teacher = teacher
@@ -268,7 +271,8 @@ class MaceTask(Task):
                                              / batch.num_atoms).mean()
         if self.aligner is not None:
             student = self.model.split_features(out["node_feats"], batch, [self.align_layer], self.align_invariant)[0]
-            target = self.teacher.encode(batch, ids=batch.ids, device=batch.positions.device)
+            ids = batch.ids if self.teacher_cache else None  # None: the teacher runs on every step
+            target = self.teacher.encode(batch, ids=ids, device=batch.positions.device)
             a = self.aligner(student.with_x(student.x.float()), target, step)
             result["loss"] = result["loss"] + a["loss"]
             result["loss/align"] = a["raw"].detach()

@@ -49,7 +49,7 @@ def test_nve_energy_conservation(trained):
     # integrated by velocity Verlet keeps their sum constant up to O(dt^2) shadow-Hamiltonian fluctuations, which
     # at 0.5 fs for an organic molecule are ~1 % of that swing. A non-conservative or noisy model (forces not
     # -dE/dr, discontinuities at the cutoff) drifts by a sizeable fraction of it.
-    assert swing > 0.05  # the molecule really moves
+    assert swing > 0.02  # the molecule really moves (kT at 300 K is 0.026 eV)
     assert dev_half < 0.03 * swing, (dev_half, swing)
     # Verlet's error law: halving dt cuts the deviation about 4x (>= 2.5x allowed for the finite run)
     assert dev_quarter < dev_half / 2.5, (dev_quarter, dev_half)

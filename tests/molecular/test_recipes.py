@@ -10,7 +10,7 @@ import torch
 from unirep.cli import compose, run_train
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted(p.stem for p in (ROOT / "configs" / "experiment" / "molecular").glob("*.yaml"))
+RECIPES = ["mace", "mace_repa", "quickstart", "foundation"]  # the force-field recipes (others: generative models)
 
 
 def _smoke_cfg(name: str, out_dir: Path, extra: tuple[str, ...] = ()):
@@ -19,8 +19,9 @@ def _smoke_cfg(name: str, out_dir: Path, extra: tuple[str, ...] = ()):
                              f"out_dir={out_dir}", *extra])
 
 
-def test_recipes_listed():
-    assert {"mace", "mace_repa", "quickstart", "foundation"} <= set(RECIPES)
+def test_recipes_exist():
+    for name in RECIPES:
+        assert (ROOT / "configs" / "experiment" / "molecular" / f"{name}.yaml").is_file()
 
 
 @pytest.mark.parametrize("name", RECIPES)
