@@ -182,3 +182,29 @@ def test_sdf_and_ccd_readers(tmp_path):
     assert sorted(set(ala.numbers.tolist())) == [1, 6, 7, 8]
     with pytest.raises(StructureError, match="XYZQ"):
         ccd_residue("XYZQ")
+
+
+def test_normal_mode_sampling_is_thermal():
+    from ase.units import kB
+
+    from molecular.data import normal_mode_samples
+
+    start = structures_from_smiles(["CCO"], seed=0, optimize="mmff")[0]  # an MMFF94 minimum
+    temperature, num = 20.0, 40
+    samples = normal_mode_samples(start, num, temperature=temperature, calculator="mmff", seed=1)
+    e0 = label_structures([start], "mmff")[0].energy
+    de = np.array([s.energy - e0 for s in label_structures(samples, "mmff")])
+    # harmonic equipartition at low T: each of the 3N-6 modes holds kT/2 of potential energy on average
+    expected = (3 * len(start) - 6) * kB * temperature / 2
+    assert de.mean() == pytest.approx(expected, rel=0.25)
+    assert len({s.id for s in samples}) == num
+
+
+def test_langevin_md_frames_are_labelled_and_move():
+    from molecular.data import langevin_md
+
+    start = structures_from_smiles(["CCO"], seed=0)[0]
+    frames = langevin_md(start, 3, calculator="mmff", temperature=300, interval=5, seed=0)
+    assert [f.id for f in frames] == ["smiles0/0/md0", "smiles0/0/md1", "smiles0/0/md2"]
+    assert all(f.has_labels for f in frames)
+    assert np.abs(frames[2].positions - frames[0].positions).max() > 1e-3
