@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase.calculators.calculator import Calculator, all_changes
 from torch import Tensor
 
 from unirep.tokens import TokenSet
@@ -648,59 +649,53 @@ def load_dataset(path: str | os.PathLike, r_max: float, z_table: Sequence[int] |
 # ---------------------------------------------------------------------------------------------------------------
 # Labelling and geometry sampling
 # ---------------------------------------------------------------------------------------------------------------
-class MMFFCalculator:
+class MMFFCalculator(Calculator):
     """rdkit MMFF94 energies (eV) and analytic forces (eV/Å) as an ASE calculator.
 
     Bonds are perceived from the geometry the first time (rdkit ``DetermineBonds``) or given as an rdkit mol.
     Cheap; for sampling and pre-optimisation more than for labels.
     """
 
-    def __new__(cls, *args, **kwargs):
-        from ase.calculators.calculator import Calculator, all_changes
+    implemented_properties = ["energy", "forces"]
 
-        class _MMFF(Calculator):
-            implemented_properties = ["energy", "forces"]
+    def __init__(self, mol=None, charge: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self._mol = mol
+        self.charge = charge
 
-            def __init__(self, mol=None, charge: int = 0):
-                super().__init__()
-                self._mol = mol
-                self.charge = charge
+    def _molecule(self, atoms):
+        from rdkit import Chem
+        from rdkit.Chem import rdDetermineBonds
+        from rdkit.Geometry import Point3D
 
-            def _molecule(self, atoms):
-                from rdkit import Chem
-                from rdkit.Chem import rdDetermineBonds
-                from rdkit.Geometry import Point3D
+        if self._mol is None or self._mol.GetNumAtoms() != len(atoms):
+            rw = Chem.RWMol()
+            for z in atoms.get_atomic_numbers():
+                rw.AddAtom(Chem.Atom(int(z)))
+            conf = Chem.Conformer(len(atoms))
+            for k, p in enumerate(atoms.get_positions()):
+                conf.SetAtomPosition(k, Point3D(*map(float, p)))
+            mol = rw.GetMol()
+            mol.AddConformer(conf, assignId=True)
+            rdDetermineBonds.DetermineBonds(mol, charge=self.charge)
+            self._mol = mol
+        return self._mol
 
-                if self._mol is None or self._mol.GetNumAtoms() != len(atoms):
-                    rw = Chem.RWMol()
-                    for z in atoms.get_atomic_numbers():
-                        rw.AddAtom(Chem.Atom(int(z)))
-                    conf = Chem.Conformer(len(atoms))
-                    for k, p in enumerate(atoms.get_positions()):
-                        conf.SetAtomPosition(k, Point3D(*map(float, p)))
-                    mol = rw.GetMol()
-                    mol.AddConformer(conf, assignId=True)
-                    rdDetermineBonds.DetermineBonds(mol, charge=self.charge)
-                    self._mol = mol
-                return self._mol
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from ase.units import kcal
+        from ase.units import mol as mol_unit
+        from rdkit.Chem import AllChem
 
-            def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-                from ase.units import kcal
-                from ase.units import mol as mol_unit
-                from rdkit.Chem import AllChem
-
-                super().calculate(atoms, properties, system_changes)
-                mol = self._molecule(self.atoms)
-                props = AllChem.MMFFGetMoleculeProperties(mol)
-                if props is None:
-                    raise StructureError("MMFF94 has no parameters for this molecule; use the GFN2-xTB labeller")
-                ff = AllChem.MMFFGetMoleculeForceField(mol, props)
-                pos = self.atoms.get_positions().reshape(-1).tolist()
-                to_ev = kcal / mol_unit  # kcal/mol -> eV
-                self.results["energy"] = ff.CalcEnergy(pos) * to_ev
-                self.results["forces"] = -np.asarray(ff.CalcGrad(pos)).reshape(-1, 3) * to_ev
-
-        return _MMFF(*args, **kwargs)
+        super().calculate(atoms, properties, system_changes)
+        mol = self._molecule(self.atoms)
+        props = AllChem.MMFFGetMoleculeProperties(mol)
+        if props is None:
+            raise StructureError("MMFF94 has no parameters for this molecule; use the GFN2-xTB labeller")
+        ff = AllChem.MMFFGetMoleculeForceField(mol, props)
+        pos = self.atoms.get_positions().reshape(-1).tolist()
+        to_ev = kcal / mol_unit  # kcal/mol -> eV
+        self.results["energy"] = ff.CalcEnergy(pos) * to_ev
+        self.results["forces"] = -np.asarray(ff.CalcGrad(pos)).reshape(-1, 3) * to_ev
 
 
 def make_calculator(name: str = "gfn2", **kwargs):
