@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ from unirep.converge import (
     run_convergence,
 )
 from unirep.tokens import TokenSet
+
+# configs name the toy classes below by `_target_: test_converge.X`; make that resolvable under any import mode
+sys.modules.setdefault("test_converge", sys.modules[__name__])
 
 # ---------------------------------------------------------------------------------------------------------------
 # a toy domain: items with 3..7 tokens of 3 groups; every token has a latent 8-d "true" state
