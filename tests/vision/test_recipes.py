@@ -1,4 +1,8 @@
-"""Every vision alignment recipe composes, trains 2 steps on CPU with its smoke overrides, evaluates and samples."""
+"""Vision recipes: the recipe-specific outputs of 2-step smoke runs, and unirep-sample from the quick start.
+
+tests/unirep/test_configs.py already trains every experiment 2 steps; here the runs are checked for what each
+recipe adds (alignment and class-token losses, evaluation JSON, samples), for the recipes with distinct code paths.
+"""
 
 import json
 from pathlib import Path
@@ -23,7 +27,7 @@ def test_configs_exist():
     assert set(MINE) <= have
 
 
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", ["quickstart", "reg", "sra", "dispersive"])
 def test_recipe_trains_two_steps(name, tmp_path):
     cfg = _smoke(name, tmp_path / name)
     assert cfg.task.recipe == ("repa" if name == "quickstart" else name)
