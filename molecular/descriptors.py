@@ -90,7 +90,8 @@ class ACSFDescriptor(_Descriptor):
     """
 
     def __init__(self, species: Sequence[int] = (1, 6, 7, 8), r_cut: float = 5.0,
-                 g2_params: Sequence[Sequence[float]] | None = None, g4_params: Sequence[Sequence[float]] | None = None):
+                 g2_params: Sequence[Sequence[float]] | None = None,
+                 g4_params: Sequence[Sequence[float]] | None = None):
         super().__init__()
         try:
             from dscribe.descriptors import ACSF

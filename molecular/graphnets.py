@@ -35,8 +35,15 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from molecular.data import AtomsDataset, GraphBatch, collate_graphs, label_structures, split_indices, \
-    structures_from_smiles, thermal_displacements
+from molecular.data import (
+    AtomsDataset,
+    GraphBatch,
+    collate_graphs,
+    label_structures,
+    split_indices,
+    structures_from_smiles,
+    thermal_displacements,
+)
 from unirep.tokens import TokenSet
 
 __all__ = ["SchNet", "PaiNN", "MoleculeSet", "train_graphnet", "evaluate_forces", "GraphNetEncoder"]
@@ -294,7 +301,7 @@ def train_graphnet(model: _Potential, train: Any, val: Any | None = None, steps:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     scale = float(model.scale)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(train), (batch_size,), generator=g).tolist()
         b = collate_graphs([train[i] for i in idx])
         out = model(b)

@@ -210,7 +210,9 @@ def extract_features(
             per_layer = [[] for _ in layers]
             names = layer_names(encoder, len(layers))
         elif len(layers) != len(per_layer):
-            raise ValueError(f"model {name!r} returned {len(layers)} layers for items {idx[0]}.., before {len(per_layer)}")
+            raise ValueError(
+                f"model {name!r} returned {len(layers)} layers for items {idx[0]}.., before {len(per_layer)}"
+            )
         ref = layers[0]
         if ref.num_items != len(idx):
             raise ValueError(
@@ -577,9 +579,13 @@ def expand_models(models: Sequence[Any]) -> list[dict[str, Any]]:
         spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
         unknown = set(spec) - _MODEL_KEYS
         if unknown:
-            raise ValueError(f"models[{i}] ({spec.get('name')}): unknown keys {sorted(unknown)}; allowed {sorted(_MODEL_KEYS)}")
+            raise ValueError(
+                f"models[{i}] ({spec.get('name')}): unknown keys {sorted(unknown)}; allowed {sorted(_MODEL_KEYS)}"
+            )
         if "name" not in spec or "encoder" not in spec:
-            raise ValueError(f"models[{i}] needs a name and an encoder (a config with _target_), got keys {sorted(spec)}")
+            raise ValueError(
+                f"models[{i}] needs a name and an encoder (a config with _target_), got keys {sorted(spec)}"
+            )
         sweep = spec.pop("sweep", None) or {}
         keys = list(sweep)
         for values in itertools.product(*(sweep[k] for k in keys)):
@@ -627,6 +633,13 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    levels = list(cfg.get("levels", ["item"]))
+    bad_levels = [lv for lv in levels if lv not in LEVELS]
+    if bad_levels:
+        raise ValueError(f"unknown levels {bad_levels}: use any of {', '.join(LEVELS)}")
+    metrics = cfg.get("metrics", ["mutual_knn"])
+    metrics = OmegaConf.to_container(metrics) if OmegaConf.is_config(metrics) else list(metrics)
+    _metric_fns(metrics)  # fail on an unknown metric before any feature is extracted
     out_dir = Path(cfg.get("out_dir") or f"runs/converge/{cfg.get('name', 'study')}")
     cache_dir = Path(cfg.get("cache_dir") or out_dir / "features")
     progress = bool(cfg.get("progress", True))
@@ -665,8 +678,8 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
     preprocess = OmegaConf.to_container(preprocess) if OmegaConf.is_config(preprocess) else preprocess
     result = compare(
         features,
-        metrics=OmegaConf.to_container(cfg.get("metrics", ["mutual_knn"])),
-        levels=list(cfg.get("levels", ["item"])),
+        metrics=metrics,
+        levels=levels,
         preprocess=preprocess if preprocess else None,
         max_tokens=cfg.get("max_tokens", 4000),
         min_group_tokens=int(cfg.get("min_group_tokens", 20)),
@@ -693,7 +706,8 @@ def main() -> None:
     """Console script ``unirep-converge`` (hydra app over ``configs/converge/``)."""
     import hydra
 
-    config_dir = os.environ.get("UNIREP_CONVERGE_CONFIGS") or str(Path(__file__).resolve().parents[1] / "configs" / "converge")
+    default_dir = Path(__file__).resolve().parents[1] / "configs" / "converge"
+    config_dir = os.environ.get("UNIREP_CONVERGE_CONFIGS") or str(default_dir)
 
     @hydra.main(version_base=None, config_path=config_dir, config_name="molecular_quick")
     def _app(cfg: Any) -> None:

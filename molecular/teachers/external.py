@@ -5,13 +5,13 @@ Each adapter turns a potential whose weights ship inside its pip package into an
 protocol of :mod:`unirep.converge`). Used for platonic-convergence studies across architectures and training
 data (Edamadaka et al. 2025; Li & Walsh 2025) and as MACE-REPA teachers.
 
-| adapter | package (anchor) | trained on | layers |
-|---|---|---|---|
-| :class:`ANIEncoder` | ``torchani==2.0`` (aiqm/torchani; Smith et al. 2017, 2019) | ANI-1x wB97X / ANI-1ccx CCSD(T)* | AEV (384), last hidden layer of one ensemble member (96) |
-| :class:`CHGNetEncoder` | ``chgnet`` (CederGroupHub/chgnet; Deng et al. 2023) | MPtrj PBE (0.2.0, 0.3.0), MP r2SCAN | every atom-conv layer (64) |
-| :class:`DIEPEncoder` | ``diep`` | MatPES r2SCAN | every graph layer's node features (64) |
-| :class:`SO3LREncoder` | ``so3krates-torch`` (Kabylda et al. 2024, SO3LR) | molecular DFT | invariant features (128) |
-| :class:`SevenNetEncoder` | ``sevenn`` (MDIL-SNU/SevenNet; Park et al. 2024) | MPtrj PBE | output of every interaction's gate |
+- :class:`ANIEncoder`: ``torchani==2.0`` (aiqm/torchani; Smith et al. 2017, 2019), ANI-1x (wB97X) and ANI-1ccx
+  (CCSD(T)-corrected); layers: the AEV (384) and the last hidden layer of one ensemble member (96).
+- :class:`CHGNetEncoder`: ``chgnet`` (CederGroupHub/chgnet; Deng et al. 2023), MPtrj PBE (0.2.0, 0.3.0) and
+  r2SCAN; layers: every atom-convolution layer (64).
+- :class:`DIEPEncoder`: ``diep``, MatPES r2SCAN; layers: every graph layer's node features (64).
+- :class:`SO3LREncoder`: ``so3krates-torch`` (Kabylda et al. 2024, SO3LR), molecular DFT; invariant features (128).
+- :class:`SevenNetEncoder`: ``sevenn`` (MDIL-SNU/SevenNet; Park et al. 2024), MPtrj PBE; every gate's output.
 
 All inputs are molecules (no periodicity). Materials models (CHGNet, DIEP, SevenNet) get each molecule in a
 periodic box whose vacuum gap exceeds their cutoff, so no atom sees a periodic image. A package that is not
@@ -58,7 +58,7 @@ def as_atoms_list(sample: Any) -> list:
             pos = s.positions.detach().cpu().numpy() if isinstance(s.positions, Tensor) else np.asarray(s.positions)
             out.append(Atoms(numbers=numbers, positions=pos))
         else:
-            raise TypeError(f"item {k} of the sample is a {type(s).__name__}: give ase.Atoms, Structure or a GraphBatch")
+            raise TypeError(f"item {k} of the sample is a {type(s).__name__}: give ase.Atoms, Structure or GraphBatch")
     return out
 
 
@@ -66,6 +66,11 @@ def _token_sets(feats: list[Tensor], counts: Sequence[int], positions: Tensor | 
     batch = torch.arange(len(counts)).repeat_interleave(torch.as_tensor(list(counts)))
     x = torch.cat(feats) if isinstance(feats, list) else feats
     return TokenSet(x.detach().float(), batch, positions, len(counts))
+
+
+def _keep(store: list[Tensor], key: Any, module: nn.Module, inputs: Any, output: Any) -> None:
+    """Forward hook body: keep ``output[key]`` (a layer that returns a tuple or dict)."""
+    store.append(output[key].detach())
 
 
 def _boxed(atoms, gap: float):
@@ -268,7 +273,7 @@ class DIEPEncoder(_Frozen):
         for a in atoms:
             outs: list[Tensor] = []
             # each graph layer returns (edge_feat, node_feat, state_feat)
-            hooks = [layer.register_forward_hook(lambda m, i, o: outs.append(o[1].detach())) for layer in self.layers_]
+            hooks = [layer.register_forward_hook(functools.partial(_keep, outs, 1)) for layer in self.layers_]
             try:
                 boxed = _boxed(a, self.gap)
                 boxed.calc = calc
@@ -344,7 +349,7 @@ class SevenNetEncoder(_Frozen):
         per_layer: list[list[Tensor]] = [[] for _ in self.gates]
         for a in atoms:
             outs: list[Tensor] = []
-            hooks = [m.register_forward_hook(lambda mod, i, o: outs.append(o["x"].detach())) for _, m in self.gates]
+            hooks = [m.register_forward_hook(functools.partial(_keep, outs, "x")) for _, m in self.gates]
             try:
                 boxed = _boxed(a, self.gap)
                 boxed.calc = self.calc

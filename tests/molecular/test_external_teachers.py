@@ -47,7 +47,7 @@ def test_ani_member_features_reproduce_the_member_energy():
     hidden = layers[1].x
     species = torch.cat([torch.as_tensor(m.numbers) for m in mols])
     per_atom = torch.zeros(len(species))
-    for k, (z, net) in enumerate(zip((1, 6, 7, 8), enc.network.values(), strict=True)):
+    for z, net in zip((1, 6, 7, 8), enc.network.values(), strict=True):
         sel = species == z
         per_atom[sel] = net[-1](hidden[sel]).squeeze(-1)
     mine = torch.zeros(len(mols)).index_add_(0, layers[1].batch, per_atom)
@@ -112,8 +112,8 @@ def test_radial_angular_histogram_closed_form_and_symmetries():
     # water: O's angular part peaks at the H-O-H angle
     w = molecule("H2O")
     xo = d.encode(w).x[0]
-    angle = math.acos(np.dot(w.positions[1] - w.positions[0], w.positions[2] - w.positions[0]) /
-                      (np.linalg.norm(w.positions[1] - w.positions[0]) * np.linalg.norm(w.positions[2] - w.positions[0])))
+    b1, b2 = w.positions[1] - w.positions[0], w.positions[2] - w.positions[0]
+    angle = math.acos(np.dot(b1, b2) / (np.linalg.norm(b1) * np.linalg.norm(b2)))
     centres = torch.linspace(0, math.pi, 7)
     assert int(torch.argmax(xo[18:])) == int(torch.argmin((centres - angle).abs()))
     # rotation/translation invariant, permutation equivariant

@@ -85,7 +85,8 @@ class ToyEncoder:
         # noise is a deterministic function of the token content, so batching never changes features
         h = torch.Generator().manual_seed(1000 + self.seed)
         if self.random:
-            h1 = torch.randn(lat.shape[0], self.dim, generator=torch.Generator().manual_seed(int(lat.abs().sum() * 1e4)))
+            content_seed = int(lat.abs().sum() * 1e4)
+            h1 = torch.randn(lat.shape[0], self.dim, generator=torch.Generator().manual_seed(content_seed))
         else:
             h1 = lat @ self.w1 + self.noise * torch.sin(lat @ torch.randn(8, self.dim, generator=h) * 7.0)
         h2 = torch.tanh(h1 @ self.w2 / math.sqrt(self.dim))
@@ -269,7 +270,7 @@ def test_anchor_relative_embeddings_share_a_space():
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     fa = ModelFeatures("a", ["0"], [x], torch.arange(50))
     fb = ModelFeatures("b", ["0"], [3.0 * x @ q], torch.arange(50))
-    rows = compare([fa, fb], metrics=["svcca"], levels=["token"], anchors=8, preprocess=None, progress=False).rows
+    rows = compare([fa, fb], metrics=[{"name": "svcca", "dim": 4}], levels=["token"], anchors=8, preprocess=None, progress=False).rows
     assert rows[0]["value"] == pytest.approx(1.0, abs=1e-8)
 
 
