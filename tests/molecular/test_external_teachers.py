@@ -146,3 +146,18 @@ def test_atoms_list_from_graph_batch():
     atoms = as_atoms_list(collate_graphs([ds[i] for i in range(3)]))
     assert [len(a) for a in atoms] == [len(m) for m in mols]
     assert np.allclose(atoms[1].positions, mols[1].positions)
+
+
+def test_so3lr_invariant_features_when_installed():
+    pytest.importorskip("so3krates_torch")
+    from molecular.teachers.external import SO3LREncoder
+
+    before = torch.get_default_dtype()
+    enc = SO3LREncoder()
+    assert torch.get_default_dtype() == before  # loading SO3LR must not leak a global dtype change
+    mols = _mols()
+    layers = enc.encode_layers(mols)
+    _check_layers(layers, [len(m) for m in mols], [128])
+    ref = enc.calc.get_descriptors(mols[1])["invariant_features"][0]
+    assert np.allclose(layers[0].x[layers[0].batch == 1].numpy(), ref, atol=1e-5)
+    assert torch.allclose(enc.encode(_mols(rotate=True)).x, layers[0].x, atol=1e-3)
