@@ -120,3 +120,43 @@ def test_reconstruction_metrics_closed_forms():
     s1, s2 = np.diag([1.0, 4.0]), np.diag([4.0, 9.0])
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(1.0 + 1.0 + 1.0)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_stage1_task_vf_weight_and_ablation():
+    from torch import nn
+
+    from vision.tokenizers.tasks import VAVAEStage1Task
+
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dim = 12
+            self.conv = nn.Conv2d(1, 12, 2, 2)
+
+        def encode(self, x):
+            return TokenSet.from_dense(self.conv(x).flatten(2).transpose(1, 2))
+
+    torch.manual_seed(0)
+    vae = VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4)
+    task = VAVAEStage1Task(vae, Teacher(), align="vf", perceptual_weight=0.0)
+    batch = {"image": torch.rand(2, 1, 8, 8) * 2 - 1, "id": ["a", "b"]}
+    torch.manual_seed(1)
+    out = task(batch, step=0)
+    # the same computation by hand: the posterior sample is the only randomness
+    torch.manual_seed(1)
+    rec, z, post = vae(batch["image"])
+    nll = (rec - batch["image"]).abs().mean()
+    l_vf = task.align(z, task.teacher.encode(batch["image"]))
+    g_nll = torch.autograd.grad(nll, vae.encoder_last_layer, retain_graph=True)[0]
+    g_vf = torch.autograd.grad(l_vf, vae.encoder_last_layer, retain_graph=True)[0]
+    expected_w = 0.1 * g_nll.norm() / (g_vf.norm() + 1e-4)
+    assert torch.allclose(out["vf/weight"], expected_w, rtol=1e-5)
+    kl = post.kl().mean() / 64
+    assert torch.allclose(out["loss"], nll + 1e-6 * kl + expected_w * l_vf, rtol=1e-5)
+    out["loss"].backward()
+    assert task.align.proj.weight.grad is not None and vae.encoder.conv_in.weight.grad is not None
+    plain = VAVAEStage1Task(VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4), None, align=None,
+                            perceptual_weight=0.0)
+    assert "loss/vf" not in plain(batch, step=0) and plain.align is None
+    with pytest.raises(ValueError, match="teacher"):
+        VAVAEStage1Task(VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4), None, align="vf")
