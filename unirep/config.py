@@ -44,6 +44,7 @@ class TrainerConfig:
     eval_at_end: bool = True
     find_unused_parameters: bool = False
     handle_signals: bool = True
+    num_threads: int = 0
 
 
 @dataclass

@@ -379,3 +379,21 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
     resumed = _trainer(NoisyRegression(), tmp_path / "cut", ckpt_every=0)
     assert not resumed.fit()["interrupted"]
     assert all(torch.equal(a, b) for a, b in zip(full.task.parameters(), resumed.task.parameters(), strict=True))
+
+
+def test_num_threads_applies_during_fit_only(tmp_path):
+    class Threads(NoisyRegression):
+        def forward(self, batch, step):
+            self.threads = torch.get_num_threads()
+            return super().forward(batch, step)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        task = Threads()
+        _trainer(task, tmp_path, max_steps=1, num_threads=1).fit()
+        assert task.threads == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        _trainer(task, tmp_path, num_threads=-1)
