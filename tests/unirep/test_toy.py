@@ -90,6 +90,7 @@ def test_toy_flow_trains_to_low_mmd(tmp_path):
         ckpt_every=0,
         precision="fp32",
         device="cpu",
+        num_threads=1,  # a 2-D MLP: more threads only add contention
         resume="none",
         out_dir=tmp_path,
         progress=False,

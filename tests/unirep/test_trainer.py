@@ -53,6 +53,7 @@ def _trainer(task, out_dir, **kw) -> Trainer:
         accum_steps=2,
         precision="fp32",
         device="cpu",
+        num_threads=1,
         warmup_steps=3,
         lr_schedule="cosine",
         seed=3,
