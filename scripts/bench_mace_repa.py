@@ -43,6 +43,7 @@ def _overrides(args, recipe: str, n: int, seed: int, out: Path) -> list[str]:
         f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={min(args.batch_size, n)}",
         "trainer.eval_every=0",
+        f"trainer.ema_decay={args.ema_decay}",
         f"trainer.ckpt_every={args.steps}",
         "trainer.progress=false",
         "trainer.tensorboard=false",
@@ -99,6 +100,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ema-decay", type=float, default=0.99,
+                   help="MACE's 0.99; lower it for runs of a few hundred steps (the EMA still holds ~0.99^steps of "
+                        "the initial weights)")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--align-weight", type=float, default=0.5)
     p.add_argument("--baseline-steps", type=int, default=100)
