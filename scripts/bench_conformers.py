@@ -111,12 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
         ("flow (no alignment)", "conformer_flow", []),
         ("conformer_repa", "conformer_repa", ["+task.teacher.random_init=true"] if args.teacher == "random" else []),
     ]
+    # EMA decay 0.99: with a few hundred steps a 0.999 EMA still holds mostly the initial weights (measured: it
+    # scored COV-R 29 % where the raw weights scored 81 %)
     common = ["task.model.hidden=64", "task.model.num_layers=4", "task.model.time_dim=32", "trainer.batch_size=32",
-              "trainer.warmup_steps=100", "optimizer.lr=1e-3"]
+              "trainer.warmup_steps=100", "optimizer.lr=1e-3", "trainer.ema_decay=0.99"]
     runs: dict[str, tuple[float, Path]] = {}
     for label, recipe, extra in recipes:
         runs[label] = _train(recipe, out, args.steps, train, test, common + extra)
-    ae_rate, ae_run = _train("local_ae", out, args.ae_steps, train, test, ["trainer.warmup_steps=100"])
+    ae_rate, ae_run = _train("local_ae", out, args.ae_steps, train, test,
+                             ["trainer.warmup_steps=100", "trainer.ema_decay=0.99"])
     runs["latent flow"] = _train("latent_flow", out, args.steps, train, test,
                                  common + [f"task.tokenizer.checkpoint={ae_run}"])
 
