@@ -213,7 +213,8 @@ def structures_from_smiles(smiles: Iterable[str], num_confs: int = 1, seed: int 
             raise StructureError(f"SMILES item {k} ({smi!r}): rdkit cannot parse it; fix the SMILES string")
         mol = Chem.AddHs(mol)
         params = AllChem.ETKDGv3()
-        params.randomSeed = int(seed) + k
+        # rdkit embeds every conformer of a molecule identically when randomSeed is 0: keep seeds >= 1
+        params.randomSeed = int(seed) + k + 1
         ids = AllChem.EmbedMultipleConfs(mol, numConfs=int(num_confs), params=params)
         if len(ids) == 0:
             raise StructureError(
