@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The core toy flow (~1 min), then the two backends' quick starts (a few minutes each on a laptop CPU; the first
+# run also trains the project's own small teachers and makes the molecular data, cached for later runs).
 demo: setup
 	$(BIN)/unirep-train experiment=toy
+	$(BIN)/unirep-train experiment=vision/quickstart
+	$(BIN)/unirep-train experiment=molecular/quickstart
 
 bench: setup
 	@for s in scripts/bench_*.py; do echo "== $$s"; $(BIN)/python $$s || exit 1; done
