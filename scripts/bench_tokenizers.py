@@ -60,6 +60,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stat-items", type=int, default=512, help="training images the latent statistics are fitted on")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="EMA decay of every row (default: 1 - 10/steps, so the evaluated EMA has forgotten the init)")
     p.add_argument("--quick", action="store_true", help="2 steps per row, few samples (a run check, not a result)")
     return p.parse_args()
 
@@ -78,6 +80,8 @@ def common(args: argparse.Namespace, steps: int) -> list[str]:
         "trainer.progress=false", "trainer.tensorboard=false", f"trainer.log_every={max(1, steps // 10)}",
         f"trainer.ckpt_every={steps}", "trainer.keep_last=1", "trainer.warmup_steps=" + str(min(50, steps // 10)),
         "trainer.resume=none", "trainer.device=cpu",
+        # a short run evaluated with a long-horizon EMA scores the initial weights: tie the horizon to the budget
+        f"trainer.ema_decay={args.ema_decay if args.ema_decay is not None else min(0.9999, max(0.0, 1 - 10 / steps))}",
     ]
 
 
