@@ -82,6 +82,20 @@ class _TokenizerTask(Task):
         self.discriminator = discriminator
         self.disc_weight, self.disc_start, self.disc_max_weight = float(disc_weight), int(disc_start), float(max_w)
 
+    def _reconstruction_loss(self, x_rec: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """L1 + perceptual (+ LPIPS when its weights file is given): the "nll" the adaptive weights refer to."""
+        nll = (x_rec - x).abs().mean()
+        out = {"loss/l1": nll.detach()}
+        if self.perceptual is not None:
+            p = self.perceptual(x_rec, x)
+            nll = nll + self.perceptual_weight * p
+            out["loss/perceptual"] = p.detach()
+        if self.lpips is not None:
+            lp = self.lpips(x_rec, x)
+            nll = nll + self.lpips_weight * lp
+            out["loss/lpips"] = lp.detach()
+        return nll, out
+
     def _gan_terms(self, x: Tensor, x_rec: Tensor, nll: Tensor, last_layer: Tensor, step: int) -> dict[str, Tensor]:
         if self.discriminator is None or step < self.disc_start:
             return {}
@@ -178,17 +192,7 @@ class RAEStage1Task(_TokenizerTask):
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = images_of(batch)
         x_rec = self.tokenizer.reconstruct(x)  # noise-augmented latent in training mode
-        l1 = (x_rec - x).abs().mean()
-        out = {"loss/l1": l1.detach()}
-        nll = l1
-        if self.perceptual is not None:
-            p = self.perceptual(x_rec, x)
-            nll = nll + self.perceptual_weight * p
-            out["loss/perceptual"] = p.detach()
-        if self.lpips is not None:
-            lp = self.lpips(x_rec, x)
-            nll = nll + self.lpips_weight * lp
-            out["loss/lpips"] = lp.detach()
+        nll, out = self._reconstruction_loss(x_rec, x)
         gan = self._gan_terms(x, x_rec, nll, self.tokenizer.decoder.last_layer, step)
         out["loss"] = nll + gan.pop("gan_total", 0.0)
         return {**out, **gan}
@@ -274,17 +278,7 @@ class VAVAEStage1Task(_TokenizerTask):
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = images_of(batch)
         x_rec, z, post = self.tokenizer(x, sample=True)
-        l1 = (x_rec - x).abs().mean()
-        out = {"loss/l1": l1.detach()}
-        nll = l1
-        if self.perceptual is not None:
-            p = self.perceptual(x_rec, x)
-            nll = nll + self.perceptual_weight * p
-            out["loss/perceptual"] = p.detach()
-        if self.lpips is not None:
-            lp = self.lpips(x_rec, x)
-            nll = nll + self.lpips_weight * lp
-            out["loss/lpips"] = lp.detach()
+        nll, out = self._reconstruction_loss(x_rec, x)
         kl = post.kl().mean() / math.prod(x.shape[1:])  # per pixel, as the L1 term
         out["loss/kl"] = kl.detach()
         loss = nll + self.kl_weight * kl
