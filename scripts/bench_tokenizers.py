@@ -62,6 +62,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--stat-items", type=int, default=512, help="training images the latent statistics are fitted on")
     p.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay of every row (default: 1 - 10/steps, so the evaluated EMA has forgotten the init)")
+    p.add_argument("--diffusion-lr", type=float, default=1e-3,
+                   help="learning rate of every diffusion row (the recipes' 2e-4 is tuned for long runs: at a few "
+                        "thousand steps a 128-wide SiT has not yet learned to use its class label)")
+    p.add_argument("--stage1-lr", type=float, default=2e-4, help="learning rate of every tokenizer row")
+    p.add_argument("--gan", action="store_true",
+                   help="train the tokenizers with the adversarial term from half the stage-1 steps (RAE's schedule); "
+                        "off by default: at this scale it destroyed reconstructions (L1 0.066 -> 0.49 within 150 "
+                        "steps of its start in a 1,500-step RAE run)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of every row")
     p.add_argument("--quick", action="store_true", help="2 steps per row, few samples (a run check, not a result)")
     return p.parse_args()
 
@@ -91,7 +100,8 @@ def teacher_overrides(prefix: str, teacher: str) -> list[str]:
 
 def diffusion_overrides(args: argparse.Namespace, teacher: str) -> list[str]:
     return [*teacher_overrides("task.teacher", teacher), "task.time_sampler=logit_normal",
-            f"task.sample_steps={args.sample_steps}", "task.eval_samples=" + str(min(args.samples, 200)),
+            f"task.sample_steps={args.sample_steps}", f"task.cfg_scale={args.cfg_scale}",
+            "task.eval_samples=" + str(min(args.samples, 200)),
             "trainer.eval_at_end=false"]
 
 
@@ -135,7 +145,7 @@ def main() -> None:
         teacher = str(ensure_digits_teacher())
     t_start = time.time()
     s1, s2 = args.stage1_steps, args.diffusion_steps
-    gan_start = f"task.disc_start={s1 // 2}"
+    gan_start = f"task.disc_start={s1 // 2}" if args.gan else "task.discriminator=null"
 
     # -- stage 1: tokenizers -------------------------------------------------------------------------------------
     stage1 = {
@@ -148,7 +158,8 @@ def main() -> None:
     results: dict = {"config": {k: v for k, v in vars(args).items()}, "tokenizers": {}, "generation": {}}
     for name, (exp, ov) in stage1.items():
         print(f"[bench] stage 1: {name}", flush=True)
-        r = train(exp, out / name, [*common(args, s1), *ov, f"task.eval_items={16 if args.quick else 100}",
+        r = train(exp, out / name, [*common(args, s1), f"optimizer.lr={args.stage1_lr}", *ov,
+                                    f"task.eval_items={16 if args.quick else 100}",
                                     f"task.fit_statistics_items={args.stat_items}"])
         results["tokenizers"][name] = {k: v for k, v in r["eval"].items() if k.startswith("recon/")}
         results["tokenizers"][name].update(seconds=r["seconds"], checkpoint=r["checkpoint"])
@@ -192,7 +203,7 @@ def main() -> None:
     for name, (exp, ov) in rows.items():
         print(f"[bench] diffusion: {name}", flush=True)
         r = train(exp, out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"),
-                  [*common(args, s2), *diffusion_overrides(args, teacher), *ov])
+                  [*common(args, s2), f"optimizer.lr={args.diffusion_lr}", *diffusion_overrides(args, teacher), *ov])
         sc = score(r["checkpoint"], data, clf, real_feats, args.samples, args.seed)
         grids[name] = sc.pop("samples")
         results["generation"][name] = {**sc, "train_seconds": r["seconds"]}
@@ -215,9 +226,11 @@ def main() -> None:
 
 def table(results: dict) -> str:
     c = results["config"]
-    lines = [f"Digits 32x32, self-trained ViT teacher; stage 1: {c['stage1_steps']} steps, diffusion: "
-             f"{c['diffusion_steps']} steps, batch {c['batch_size']}, seed {c['seed']}; {c['samples']} samples, "
-             f"Euler {c['sample_steps']} steps, no guidance.", "",
+    guidance = f"CFG {c.get('cfg_scale', 1.0)}" if c.get("cfg_scale", 1.0) != 1.0 else "no guidance"
+    lines = [f"Digits 32x32, self-trained ViT teacher; stage 1: {c['stage1_steps']} steps at lr "
+             f"{c.get('stage1_lr', 2e-4):g}, {'with' if c.get('gan') else 'without'} the adversarial term; diffusion: "
+             f"{c['diffusion_steps']} steps at lr {c.get('diffusion_lr', 2e-4):g}; batch {c['batch_size']}, seed "
+             f"{c['seed']}; {c['samples']} samples, Euler {c['sample_steps']} steps, {guidance}.", "",
              "| tokenizer | PSNR | SSIM | FD-teacher (recon) |", "|---|---|---|---|"]
     for name, r in results["tokenizers"].items():
         lines.append(f"| {name} | {r.get('recon/psnr', float('nan')):.2f} | {r.get('recon/ssim', float('nan')):.3f} | "
