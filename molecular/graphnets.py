@@ -20,6 +20,7 @@ itself in seconds when the checkpoint is missing (its held-out force MAE becomes
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -62,7 +63,7 @@ def _cosine_cutoff(r: Tensor, r_cut: float) -> Tensor:
     return 0.5 * (torch.cos(math.pi * r / r_cut) + 1.0) * (r < r_cut)
 
 
-class _Potential(nn.Module):
+class _Potential(nn.Module, abc.ABC):
     """Shared parts: atom-type embedding over a ``z_table``, energy readout, forces by autograd."""
 
     def __init__(self, z_table: Sequence[int], hidden: int, r_max: float):
@@ -84,8 +85,9 @@ class _Potential(nn.Module):
             raise ValueError(f"{type(self).__name__} knows elements {self.z_table}; the batch has {bad}")
         return self.z_lookup[numbers]
 
-    def layers(self, batch: GraphBatch, positions: Tensor) -> list[Tensor]:  # pragma: no cover - subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def layers(self, batch: GraphBatch, positions: Tensor) -> list[Tensor]:
+        """Per-atom features ``[T, hidden]`` after each interaction block, the last one read out."""
 
     def forward_intermediates(self, batch: GraphBatch, indices: Sequence[int] | None = None) -> list[TokenSet]:
         """Per-atom scalar features after the embedding (index 0) and after each interaction (1..L)."""

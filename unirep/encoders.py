@@ -162,7 +162,9 @@ class FrozenEncoder(nn.Module):
         return ts.to(device) if device is not None else ts
 
     @torch.no_grad()
-    def encode_pooled(self, sample: Any, ids: Sequence[str] | None = None, device: torch.device | None = None) -> Tensor:
+    def encode_pooled(
+        self, sample: Any, ids: Sequence[str] | None = None, device: torch.device | None = None
+    ) -> Tensor:
         """One vector per item ``[B, D]`` (the encoder's pooled output, or the token mean)."""
         if ids is None:
             return self._compute_pooled(sample)

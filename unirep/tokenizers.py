@@ -8,6 +8,7 @@ identity (pixels), VA-VAE and RAE (``vision``), the local atomic autoencoder (``
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 __all__ = ["Tokenizer", "IdentityTokenizer"]
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, abc.ABC):
     """Base class. Subclasses implement ``_encode``/``_decode``; this class applies the normalisation.
 
     ``encode`` returns the *normalised* latent ``(z_raw - latent_mean) / latent_std``; ``decode`` inverts the
@@ -30,11 +31,13 @@ class Tokenizer(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(stat_shape))
         self.register_buffer("latent_std", torch.ones(stat_shape))
 
+    @abc.abstractmethod
     def _encode(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _encode")
+        """Data -> raw (unnormalised) latent."""
 
+    @abc.abstractmethod
     def _decode(self, z: Tensor) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _decode")
+        """Raw latent -> data."""
 
     def normalize(self, z: Tensor) -> Tensor:
         return (z - self.latent_mean) / self.latent_std
@@ -50,7 +53,7 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def fit_statistics(self, batches: Iterable[Tensor], reduce_dims: tuple[int, ...] = (0,)) -> None:
-        """Set ``latent_mean``/``latent_std`` from raw latents of ``batches`` (streaming, Chan et al. merge of batch moments).
+        """Set ``latent_mean``/``latent_std`` from raw latents of ``batches`` (streaming Chan et al. moment merge).
 
         ``reduce_dims`` are the dims of a raw latent batch averaged over (always including the batch dim 0);
         the rest must match ``stat_shape``.

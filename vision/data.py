@@ -23,6 +23,7 @@ Train/held-out splits are fixed by a seed (:func:`split_indices`).
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class _Flippable(Dataset):
+class _Flippable(Dataset, abc.ABC):
     """Index space doubled by horizontal flips when ``hflip``: item ``i + n`` is item ``i`` mirrored.
 
     Deterministic flips (instead of a coin per access) give every flipped view its own stable id, so teacher
@@ -69,11 +70,13 @@ class _Flippable(Dataset):
 
     hflip: bool = False
 
+    @abc.abstractmethod
     def _len(self) -> int:
-        raise NotImplementedError
+        """Number of items without the mirrored copies."""
 
+    @abc.abstractmethod
     def _get(self, i: int) -> dict[str, Any]:
-        raise NotImplementedError
+        """Item ``i`` (unflipped) as ``{"x", "image", "y", "id"}``."""
 
     def __len__(self) -> int:
         return self._len() * (2 if self.hflip else 1)

@@ -24,6 +24,7 @@ signal rather than the element identity.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ def batch_to_atoms(batch: GraphBatch) -> list:
     return out
 
 
-class AtomisticEncoder(nn.Module):
+class AtomisticEncoder(nn.Module, abc.ABC):
     """Base of atomistic teachers: ``encode(batch) -> TokenSet`` of per-atom features ``[T, dim]``.
 
     Args:
@@ -70,9 +71,9 @@ class AtomisticEncoder(nn.Module):
         self.register_buffer("element_mean", torch.zeros(119, self.dim))
         self.register_buffer("element_mean_fitted", torch.zeros((), dtype=torch.bool))
 
+    @abc.abstractmethod
     def features(self, batch: GraphBatch) -> Tensor:
         """Per-atom features ``[T, dim]`` in the batch's atom order."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def encode(self, batch: GraphBatch) -> TokenSet:

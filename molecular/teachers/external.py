@@ -21,6 +21,7 @@ installed raises :class:`ImportError` naming the pip command, so a convergence c
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import os
@@ -98,7 +99,7 @@ def _keep_default_dtype() -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-class _Frozen(nn.Module):
+class _Frozen(nn.Module, abc.ABC):
     """Common parts: frozen, eval mode, ``encode`` = last layer, ``layer_names``."""
 
     dim: int
@@ -110,8 +111,9 @@ class _Frozen(nn.Module):
     def encode(self, sample: Any) -> TokenSet:
         return self.encode_layers(sample)[-1]
 
-    def encode_layers(self, sample: Any) -> list[TokenSet]:  # pragma: no cover - every subclass implements it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode_layers(self, sample: Any) -> list[TokenSet]:
+        """Per-atom features of every named layer (``layer_names``), first to last."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

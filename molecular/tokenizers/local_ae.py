@@ -249,6 +249,12 @@ class LocalAtomicAutoencoder(Tokenizer):
         g = self.as_graph_batch(batch)
         return self.encoder(g.numbers, g.positions.to(self.latent_mean.dtype), g.edge_index, g.shifts)
 
+    def _decode(self, z: Tensor) -> Tensor:
+        raise TypeError(
+            "LocalAtomicAutoencoder decodes whole structures: call decode(z, batch, num_graphs) with the structure "
+            "index of every atom"
+        )
+
     def decode(self, z: Tensor, batch: Tensor, num_graphs: int) -> dict[str, Tensor]:  # type: ignore[override]
         """Decode normalised latents ``z[T, L]`` of ``num_graphs`` structures (``batch[T]`` the structure index)."""
         return self.decoder(self.denormalize(z), batch, num_graphs)

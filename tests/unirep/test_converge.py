@@ -270,7 +270,9 @@ def test_anchor_relative_embeddings_share_a_space():
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     fa = ModelFeatures("a", ["0"], [x], torch.arange(50))
     fb = ModelFeatures("b", ["0"], [3.0 * x @ q], torch.arange(50))
-    rows = compare([fa, fb], metrics=[{"name": "svcca", "dim": 4}], levels=["token"], anchors=8, preprocess=None, progress=False).rows
+    rows = compare(
+        [fa, fb], metrics=[{"name": "svcca", "dim": 4}], levels=["token"], anchors=8, preprocess=None, progress=False
+    ).rows
     assert rows[0]["value"] == pytest.approx(1.0, abs=1e-8)
 
 

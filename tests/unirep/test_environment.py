@@ -5,6 +5,8 @@ import sys
 
 
 def test_timm_mace_torchvision_import():
-    code = "import torchvision, timm, mace, torch_geometric, e3nn; import torchvision.transforms.functional; print('ok')"
+    code = (
+        "import torchvision, timm, mace, torch_geometric, e3nn; import torchvision.transforms.functional; print('ok')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,13 +1,15 @@
 """Tokenizer normalisation statistics: fitted exactly, applied and inverted exactly."""
 
+import pytest
 import torch
 
-from unirep.tokenizers import IdentityTokenizer
+from unirep.tokenizers import IdentityTokenizer, Tokenizer
 
 
 def test_identity_round_trip_with_channel_statistics():
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(4, 3, 2, 2, generator=g) * torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1, 1) + 3 for _ in range(5)]
+    scale = torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1, 1)
+    batches = [torch.randn(4, 3, 2, 2, generator=g) * scale + 3 for _ in range(5)]
     tok = IdentityTokenizer(stat_shape=(3, 1, 1), eps=0.0)
     tok.fit_statistics(batches, reduce_dims=(0, 2, 3))
     allx = torch.cat(batches).double()
@@ -24,3 +26,12 @@ def test_per_position_statistics():
     tok.fit_statistics([x[:3], x[3:]])
     assert torch.allclose(tok.latent_mean, x.mean(0), atol=1e-6)
     assert torch.allclose(tok.latent_std, x.std(0), atol=1e-5)
+
+
+def test_tokenizer_subclass_without_decode_cannot_be_built():
+    class EncodeOnly(Tokenizer):
+        def _encode(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="_decode"):
+        EncodeOnly()

@@ -11,6 +11,7 @@ step replays exactly the batches an uninterrupted run would have seen, on any nu
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 __all__ = ["Task", "DataModule", "to_device", "ResumableBatchSampler"]
 
 
-class Task(nn.Module):
+class Task(nn.Module, abc.ABC):
     """Base class of everything the trainer trains (see ``docs/architecture.md``).
 
     Subclasses set ``self.model`` (the network the trainer keeps an EMA of and samples/evaluates with) and implement
@@ -37,8 +38,9 @@ class Task(nn.Module):
 
     model: nn.Module
 
-    def forward(self, batch: Any, step: int) -> dict[str, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} must implement forward(batch, step) -> {{'loss': ...}}")
+    @abc.abstractmethod
+    def forward(self, batch: Any, step: int) -> dict[str, Tensor]:
+        """One training step's losses: ``{"loss": differentiable scalar, **logged scalars}``."""
 
 
 @dataclass

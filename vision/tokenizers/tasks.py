@@ -16,6 +16,7 @@ GAN updates use one optimiser: see :func:`vision.losses.gan_losses`.
 
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 from pathlib import Path
@@ -104,8 +105,9 @@ class _TokenizerTask(Task):
         return {"gan_total": self.disc_weight * lam * g_loss + d_loss, "loss/gan_g": g_loss.detach(),
                 "loss/gan_d": d_loss.detach(), "gan/weight": lam}
 
+    @abc.abstractmethod
     def _reconstruct_eval(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Images -> reconstructions as used at inference (no noise augmentation, no sampling)."""
 
     def _fd_encoder(self) -> nn.Module | None:
         return None
