@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vision.models.ddt import DDTBlock, DiTDH, ditdh_tiny, ditdh_xl
+from vision.models.ddt import DiTDH, ditdh_tiny, ditdh_xl
 from vision.models.sit import SiTBlock
 
 
@@ -24,18 +24,17 @@ def test_shapes_zero_init_and_intermediates():
               head_width=32, head_depth=1, head_heads=2)
 
 
-def test_ddt_block_with_constant_condition_equals_sit_block():
+def test_per_token_condition_that_is_constant_equals_per_item_condition():
     torch.manual_seed(0)
-    sit, ddt = SiTBlock(32, 4), DDTBlock(32, 4)
-    for p in sit.parameters():
+    block = SiTBlock(32, 4)
+    for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    ddt.load_state_dict(sit.state_dict())
     x, c = torch.randn(2, 5, 32), torch.randn(2, 32)
-    assert torch.allclose(ddt(x, c[:, None].expand(2, 5, 32)), sit(x, c), atol=1e-5)
-    # per-token conditioning: changing the condition of token 2 changes token 2 through its own modulation
+    assert torch.allclose(block(x, c[:, None].expand(2, 5, 32)), block(x, c), atol=1e-5)
+    # per-token conditioning (DiT^DH's head): changing the condition of token 2 changes token 2's modulation
     s = c[:, None].expand(2, 5, 32).clone()
     s[:, 2] += 1.0
-    diff = (ddt(x, s) - sit(x, c)).abs().sum(-1)  # [B, N]
+    diff = (block(x, s) - block(x, c)).abs().sum(-1)  # [B, N]
     assert (diff[:, 2] > 1e-3).all()
 
 

@@ -27,41 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unirep.tokens import TokenSet
-from vision.models.sit import Attention, Mlp, SiT, get_2d_sincos_pos_embed, unpatchify
+from vision.models.sit import FinalLayer, SiT, SiTBlock, get_2d_sincos_pos_embed, unpatchify
 
-__all__ = ["DDTBlock", "DDTFinalLayer", "DiTDH", "ditdh_tiny", "ditdh_s", "ditdh_b", "ditdh_xl"]
-
-
-class DDTBlock(nn.Module):
-    """adaLN block whose modulation is per token: ``x[B, N, D]``, condition ``s[B, N, D]``."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        # each modulation tensor is [B, N, D]: one shift/scale/gate per token, not per item
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(s).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
-
-
-class DDTFinalLayer(nn.Module):
-    """LayerNorm -> per-token modulation (no gate) -> Linear to ``p*p*C``."""
-
-    def __init__(self, hidden_size: int, out_dim: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, s: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(s).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+__all__ = ["DiTDH", "ditdh_tiny", "ditdh_s", "ditdh_b", "ditdh_xl"]
 
 
 class DiTDH(SiT):
@@ -105,8 +73,8 @@ class DiTDH(SiT):
         self.x_embedder_head = nn.Conv2d(self.in_channels, hw, kernel_size=p, stride=p)
         pos = torch.from_numpy(get_2d_sincos_pos_embed(hw, self.grid_size)).float()[None]
         self.register_buffer("pos_embed_head", pos, persistent=False)  # [1, N, D_h]
-        self.head_blocks = nn.ModuleList([DDTBlock(hw, self._head["heads"]) for _ in range(self._head["depth"])])
-        self.final_layer = DDTFinalLayer(hw, p * p * c)  # replaces the trunk's per-item final layer
+        self.head_blocks = nn.ModuleList([SiTBlock(hw, self._head["heads"]) for _ in range(self._head["depth"])])
+        self.final_layer = FinalLayer(hw, p * p * c)  # conditioned per token, unlike the trunk's
 
     def forward_intermediates(
         self,

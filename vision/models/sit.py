@@ -44,9 +44,14 @@ __all__ = [
 ]
 
 
+def _per_token(m: Tensor) -> Tensor:
+    """A per-item modulation ``[B, D]`` as ``[B, 1, D]``; a per-token one ``[B, N, D]`` (DiT^DH's head) as is."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation; ``x[B, N, D]``, ``shift/scale[B, D]``."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """adaLN modulation; ``x[B, N, D]``, ``shift/scale`` per item ``[B, D]`` or per token ``[B, N, D]``."""
+    return x * (1 + _per_token(scale)) + _per_token(shift)
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -184,9 +189,10 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        """``x[B, N, D]``; condition ``c[B, D]`` (one per item) or ``c[B, N, D]`` (one per token, DiT^DH's head)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + _per_token(gate_msa) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + _per_token(gate_mlp) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
@@ -200,7 +206,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # per item [B, D] or per token [B, N, D]
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
