@@ -101,16 +101,23 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def run_sample(cfg: DictConfig) -> dict[str, Any]:
-    """Load a checkpoint's task and call ``task.sample``; outputs go to ``<run>/samples`` or ``cfg.out_dir``."""
+def _load_checkpoint_task(cfg: DictConfig, method: str, signature: str) -> tuple[Path, Any, DictConfig]:
+    """The checkpoint ``cfg.checkpoint`` names, its task (EMA weights when ``cfg.ema``) and its run config; fails
+    with a message when there is no checkpoint or the task lacks ``method``."""
     from unirep.train import find_checkpoint, load_task
 
     found = find_checkpoint(cfg.checkpoint)
     if found is None:
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no checkpoint there (a step_N folder or a run folder)")
-    task, _ = load_task(found, ema=cfg.ema, device=_device(cfg.device))
-    if not hasattr(task, "sample"):
-        raise AttributeError(f"{type(task).__name__} has no sample(out_dir, num, seed, **kwargs): it cannot sample")
+    task, run_cfg = load_task(found, ema=cfg.ema, device=_device(cfg.device))
+    if not hasattr(task, method):
+        raise AttributeError(f"{type(task).__name__} has no {signature}: it cannot {method}")
+    return found, task, run_cfg
+
+
+def run_sample(cfg: DictConfig) -> dict[str, Any]:
+    """Load a checkpoint's task and call ``task.sample``; outputs go to ``<run>/samples`` or ``cfg.out_dir``."""
+    found, task, _ = _load_checkpoint_task(cfg, "sample", "sample(out_dir, num, seed, **kwargs)")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(found) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     kwargs = OmegaConf.to_container(cfg.sample, resolve=True) if cfg.sample else {}
@@ -127,14 +134,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Load a checkpoint's task, rebuild its data and call ``task.evaluate``; outputs go to ``<run>/eval``."""
     from hydra.utils import instantiate
 
-    from unirep.train import find_checkpoint, load_task
-
-    found = find_checkpoint(cfg.checkpoint)
-    if found is None:
-        raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no checkpoint there (a step_N folder or a run folder)")
-    task, run_cfg = load_task(found, ema=cfg.ema, device=_device(cfg.device))
-    if not hasattr(task, "evaluate"):
-        raise AttributeError(f"{type(task).__name__} has no evaluate(data, out_dir, step): it cannot be evaluated")
+    found, task, run_cfg = _load_checkpoint_task(cfg, "evaluate", "evaluate(data, out_dir, step)")
     data = instantiate(cfg.data if cfg.data else run_cfg.data, _convert_="object")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else _run_dir(found) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
