@@ -145,15 +145,17 @@ def main() -> None:
         teacher = str(ensure_digits_teacher())
     t_start = time.time()
     s1, s2 = args.stage1_steps, args.diffusion_steps
-    gan_start = f"task.disc_start={s1 // 2}" if args.gan else "task.discriminator=null"
+    # RAE's schedule scaled to the budget: discriminator alone from 6/16, adversarial term from 8/16 of the steps
+    gan = ([f"task.disc_start={s1 // 2}", f"task.disc_update_start={3 * s1 // 8}"] if args.gan
+           else ["task.discriminator=null"])
 
     # -- stage 1: tokenizers -------------------------------------------------------------------------------------
     stage1 = {
-        "rae": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), gan_start]),
-        "rae_no_noise": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), gan_start,
+        "rae": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), *gan]),
+        "rae_no_noise": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), *gan,
                                         "task.tokenizer.noise_tau=0"]),
-        "vavae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), gan_start]),
-        "kl_vae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), gan_start, "task.align=null"]),
+        "vavae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), *gan]),
+        "kl_vae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), *gan, "task.align=null"]),
     }
     results: dict = {"config": {k: v for k, v in vars(args).items()}, "tokenizers": {}, "generation": {}}
     for name, (exp, ov) in stage1.items():

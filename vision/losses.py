@@ -34,6 +34,7 @@ __all__ = [
     "FeatureDiscriminator",
     "hinge_d_loss",
     "hinge_g_loss",
+    "vanilla_g_loss",
     "gan_losses",
     "gan_adaptive_weight",
 ]
@@ -189,19 +190,38 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 
 
 def hinge_g_loss(logits_fake: Tensor) -> Tensor:
+    """LDM/taming's generator loss ``-mean D(fake)`` (VA-VAE)."""
     return -logits_fake.mean()
 
 
-def gan_losses(disc: nn.Module, x_real: Tensor, x_fake: Tensor) -> tuple[Tensor, Tensor]:
+def vanilla_g_loss(logits_fake: Tensor) -> Tensor:
+    """The non-saturating generator loss ``mean softplus(-D(fake))`` (RAE's ``gen_loss: vanilla``)."""
+    return F.softplus(-logits_fake).mean()
+
+
+_G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
+
+
+def gan_losses(
+    disc: nn.Module, x_real: Tensor, x_fake: Tensor, gen_loss: str = "hinge", generator: bool = True
+) -> tuple[Tensor | None, Tensor]:
     """``(generator loss, discriminator loss)`` for one step of simultaneous updates.
+
+    ``gen_loss``: ``"hinge"`` (LDM, VA-VAE) or ``"vanilla"`` (non-saturating, RAE); the discriminator loss is the
+    hinge loss in both anchors. ``generator=False`` (the discriminator's warm-up before the generator sees the
+    adversarial term) skips the generator pass and returns ``None`` for its loss.
 
     The generator loss runs the discriminator with detached copies of its parameters (gradients reach ``x_fake``
     only); the discriminator loss sees detached images (gradients reach the discriminator only). Summing both and
     taking one optimiser step therefore updates each player with its own objective.
     """
-    params = {k: v.detach() for k, v in disc.named_parameters()}
-    buffers = dict(disc.named_buffers())
-    g_loss = hinge_g_loss(functional_call(disc, (params, buffers), (x_fake,)))
+    if gen_loss not in _G_LOSSES:
+        raise ValueError(f"gen_loss must be one of {sorted(_G_LOSSES)}, got {gen_loss!r}")
+    g_loss = None
+    if generator:
+        params = {k: v.detach() for k, v in disc.named_parameters()}
+        buffers = dict(disc.named_buffers())
+        g_loss = _G_LOSSES[gen_loss](functional_call(disc, (params, buffers), (x_fake,)))
     d_in = torch.cat([x_real.detach(), x_fake.detach()])  # one pass so BatchNorm sees both (taming runs two)
     logits = disc(d_in)
     n_real = logits.shape[0] // 2  # real first; a token-level discriminator returns [T, 1] in the same order

@@ -150,6 +150,7 @@ from vision.losses import (  # noqa: E402
     gan_losses,
     hinge_d_loss,
     hinge_g_loss,
+    vanilla_g_loss,
 )
 
 
@@ -266,3 +267,46 @@ def test_stage1_checkpoint_feeds_stage2_bit_for_bit(tmp_path):
     z = tok2.encode(x)
     assert torch.equal(z, tok.encode(x))
     assert torch.equal(tok2.decode(z), tok.decode(z))
+
+
+def test_vanilla_generator_loss_is_non_saturating():
+    logits = torch.tensor([-3.0, 0.0, 2.0])
+    assert torch.allclose(vanilla_g_loss(logits), torch.log1p(torch.exp(-logits)).mean())
+    # unlike hinge's constant slope, its gradient is largest where the discriminator rejects the fake
+    x = logits.clone().requires_grad_(True)
+    vanilla_g_loss(x).backward()
+    assert x.grad[0].abs() > x.grad[1].abs() > x.grad[2].abs()
+
+
+def test_discriminator_warm_up_then_generator_term():
+    """Before ``disc_update_start`` no adversarial term; until ``disc_start`` only the discriminator learns; after
+    that the decoder gets the adaptive-weighted generator loss as well."""
+    from vision.tokenizers.tasks import RAEStage1Task
+
+    torch.manual_seed(0)
+    rae = RAE(PatchEncoder(16), rae_decoder_tiny(latent_dim=16, grid=4, patch_size=4, out_channels=3), noise_tau=0.0,
+              final_norm="none")
+    disc = PatchDiscriminator(3, ndf=8, n_layers=2)
+    task = RAEStage1Task(rae, perceptual_weight=0.0, discriminator=disc, disc_start=20, disc_update_start=10)
+    batch = {"x": torch.randn(2, 3, 16, 16)}
+
+    def grads(step):
+        task.zero_grad()
+        out = task(batch, step)
+        out["loss"].backward()
+        d = sum(float(p.grad.abs().sum()) for p in disc.parameters() if p.grad is not None)
+        return out, d
+
+    out, d = grads(5)
+    assert "loss/gan_d" not in out and d == 0.0
+    out, d = grads(10)
+    assert "loss/gan_d" in out and "loss/gan_g" not in out and d > 0
+    # the decoder's gradient is the reconstruction loss's alone during the warm-up
+    g_warm = rae.decoder.last_layer.grad.clone()
+    task.zero_grad()
+    task._reconstruction_loss(rae.reconstruct(batch["x"]), batch["x"])[0].backward()
+    assert torch.allclose(rae.decoder.last_layer.grad, g_warm, atol=1e-7) and g_warm.abs().sum() > 0
+    out, d = grads(20)
+    assert "loss/gan_g" in out and float(out["gan/weight"]) > 0
+    with pytest.raises(ValueError, match="disc_update_start"):
+        RAEStage1Task(rae, perceptual_weight=0.0, discriminator=disc, disc_start=5, disc_update_start=10)

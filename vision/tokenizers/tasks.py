@@ -2,7 +2,9 @@
 
 - :class:`RAEStage1Task`: trains the RAE decoder (the encoder is frozen) with L1 + a perceptual term (+ optional
   LPIPS) + an optional adversarial term with the adaptive weight ``0.75 * ||grad L_rec|| / (||grad L_gan|| + 1e-6)``
-  (clamped at 1e4) from ``disc_start`` on, on noise-augmented latents (bytetriper/RAE, stage-1 training).
+  (clamped at 1e4) from ``disc_start`` on, on noise-augmented latents; the discriminator alone trains from
+  ``disc_update_start`` (RAE: epoch 6 of 16, the generator's adversarial term from epoch 8) with the
+  non-saturating generator loss (bytetriper/RAE, stage-1 training).
 - :class:`VAVAEStage1Task`: trains the KL autoencoder with L1 + perceptual + ``kl_weight`` * KL + the VF loss with
   its adaptive weight ``0.1 * ||grad L_nll|| / (||grad L_vf|| + 1e-4)`` w.r.t. the encoder's last layer (+ optional
   adversarial term), as hustvl/LightningDiT ``vavae`` (LDM's ``LPIPSWithDiscriminator`` plus the VF loss).
@@ -79,9 +81,17 @@ class _TokenizerTask(Task):
 
     tokenizer: Tokenizer
 
-    def _setup_gan(self, discriminator: nn.Module | None, disc_weight: float, disc_start: int, max_w: float) -> None:
+    def _setup_gan(self, discriminator: nn.Module | None, disc_weight: float, disc_start: int, max_w: float,
+                   disc_update_start: int | None, gen_loss: str) -> None:
         self.discriminator = discriminator
         self.disc_weight, self.disc_start, self.disc_max_weight = float(disc_weight), int(disc_start), float(max_w)
+        self.disc_update_start = self.disc_start if disc_update_start is None else int(disc_update_start)
+        if self.disc_update_start > self.disc_start:
+            raise ValueError(f"disc_update_start ({self.disc_update_start}) must not come after disc_start "
+                             f"({self.disc_start}): the discriminator has to train before the decoder follows it")
+        if gen_loss not in ("hinge", "vanilla"):
+            raise ValueError(f"gen_loss must be 'hinge' (LDM, VA-VAE) or 'vanilla' (RAE), got {gen_loss!r}")
+        self.gen_loss = gen_loss
 
     def _reconstruction_loss(self, x_rec: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """L1 + perceptual (+ LPIPS when its weights file is given): the "nll" the adaptive weights refer to."""
@@ -98,9 +108,12 @@ class _TokenizerTask(Task):
         return nll, out
 
     def _gan_terms(self, x: Tensor, x_rec: Tensor, nll: Tensor, last_layer: Tensor, step: int) -> dict[str, Tensor]:
-        if self.discriminator is None or step < self.disc_start:
+        if self.discriminator is None or step < self.disc_update_start:
             return {}
-        g_loss, d_loss = gan_losses(self.discriminator, x, x_rec)
+        if step < self.disc_start:  # discriminator warm-up: the decoder does not see the adversarial term yet
+            _, d_loss = gan_losses(self.discriminator, x, x_rec, generator=False)
+            return {"gan_total": d_loss, "loss/gan_d": d_loss.detach()}
+        g_loss, d_loss = gan_losses(self.discriminator, x, x_rec, gen_loss=self.gen_loss)
         lam = gan_adaptive_weight(nll, g_loss, last_layer, self.disc_max_weight) if self.training else nll.new_ones(())
         return {"gan_total": self.disc_weight * lam * g_loss + d_loss, "loss/gan_g": g_loss.detach(),
                 "loss/gan_d": d_loss.detach(), "gan/weight": lam}
@@ -159,6 +172,9 @@ class RAEStage1Task(_TokenizerTask):
         perceptual_weight: weight of :class:`EncoderPerceptualLoss` on the RAE's own frozen encoder (0: off).
         lpips: an optional :class:`LPIPS` (needs its weights files), added with ``lpips_weight``.
         discriminator: optional (PatchGAN or feature discriminator); ``disc_weight`` 0.75 and ``disc_start`` as RAE.
+        disc_update_start: step from which the discriminator trains (default ``disc_start``); the decoder gets the
+            adversarial term from ``disc_start``. RAE: 6/16 and 8/16 of training.
+        gen_loss: ``"vanilla"`` (non-saturating, RAE) or ``"hinge"`` (LDM).
         eval_items: images used by :meth:`evaluate`.
         fit_statistics_items: items of the training set the latent statistics are fitted on at evaluation.
     """
@@ -173,6 +189,8 @@ class RAEStage1Task(_TokenizerTask):
         disc_weight: float = 0.75,
         disc_start: int = 0,
         disc_max_weight: float = 1e4,
+        disc_update_start: int | None = None,
+        gen_loss: str = "vanilla",
         eval_items: int = 256,
         fit_statistics_items: int | None = 4096,
     ):
@@ -184,7 +202,7 @@ class RAEStage1Task(_TokenizerTask):
         self.perceptual = EncoderPerceptualLoss(tokenizer.encoder) if perceptual_weight > 0 else None
         self.perceptual_weight = float(perceptual_weight)
         self.lpips, self.lpips_weight = lpips, float(lpips_weight)
-        self._setup_gan(discriminator, disc_weight, disc_start, disc_max_weight)
+        self._setup_gan(discriminator, disc_weight, disc_start, disc_max_weight, disc_update_start, gen_loss)
         self.eval_items, self.fit_statistics_items = int(eval_items), fit_statistics_items
 
     @property
@@ -225,8 +243,9 @@ class VAVAEStage1Task(_TokenizerTask):
         vf_weight: the hyper-weight on the adaptive VF weight (0.1 in the anchor).
         m1, m2, tau: VF margins and the NT-Xent temperature.
         kl_weight: 1e-6 as LDM/VA-VAE.
-        perceptual_weight, lpips, lpips_weight, discriminator, disc_weight, disc_start: as :class:`RAEStage1Task`
-            (LDM's GAN weight is 0.5).
+        perceptual_weight, lpips, lpips_weight, discriminator, disc_weight, disc_start, disc_update_start: as
+            :class:`RAEStage1Task` (LDM's GAN weight is 0.5).
+        gen_loss: ``"hinge"`` (LDM's ``LPIPSWithDiscriminator``, the default here) or ``"vanilla"``.
         teacher_cache_dir: optional on-disk cache of teacher features keyed by item id.
     """
 
@@ -247,6 +266,8 @@ class VAVAEStage1Task(_TokenizerTask):
         disc_weight: float = 0.5,
         disc_start: int = 0,
         disc_max_weight: float = 1e4,
+        disc_update_start: int | None = None,
+        gen_loss: str = "hinge",
         teacher_cache_dir: str | None = None,
         eval_items: int = 256,
         fit_statistics_items: int | None = 4096,
@@ -270,7 +291,7 @@ class VAVAEStage1Task(_TokenizerTask):
         self.perceptual = EncoderPerceptualLoss(self.teacher) if perceptual_weight > 0 else None
         self.perceptual_weight = float(perceptual_weight)
         self.lpips, self.lpips_weight = lpips, float(lpips_weight)
-        self._setup_gan(discriminator, disc_weight, disc_start, disc_max_weight)
+        self._setup_gan(discriminator, disc_weight, disc_start, disc_max_weight, disc_update_start, gen_loss)
         self.eval_items, self.fit_statistics_items = int(eval_items), fit_statistics_items
 
     @property
