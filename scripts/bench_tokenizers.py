@@ -21,6 +21,8 @@ Writes ``<out>/results.json``, ``<out>/results.md`` (the table for docs/vision_t
 
     python scripts/bench_tokenizers.py                     # default size
     python scripts/bench_tokenizers.py --quick             # 2 steps per row: checks that everything runs
+    python scripts/bench_tokenizers.py --stage1-from outputs/bench_tokenizers --diffusion-steps 500 \
+        --out outputs/bench_tokenizers_500                 # the diffusion rows at another budget, same tokenizers
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def parse() -> argparse.Namespace:
                         "off by default: at this scale it destroyed reconstructions (L1 0.066 -> 0.49 within 150 "
                         "steps of its start in a 1,500-step RAE run)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of every row")
+    p.add_argument("--stage1-from", default=None, metavar="DIR",
+                   help="reuse the tokenizers of an earlier run's output folder instead of training them (e.g. to "
+                        "score the diffusion rows at another step budget on the same tokenizers)")
     p.add_argument("--quick", action="store_true", help="2 steps per row, few samples (a run check, not a result)")
     return p.parse_args()
 
@@ -158,6 +163,18 @@ def main() -> None:
         "kl_vae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), *gan, "task.align=null"]),
     }
     results: dict = {"config": {k: v for k, v in vars(args).items()}, "tokenizers": {}, "generation": {}}
+    tok_dir = Path(args.stage1_from) if args.stage1_from else out
+    if args.stage1_from:
+        earlier = json.loads((tok_dir / "results.json").read_text())
+        missing = [n for n in stage1 if n not in earlier.get("tokenizers", {})]
+        if missing:
+            raise SystemExit(f"--stage1-from {tok_dir}: its results.json has no tokenizer rows {missing}; run the "
+                             f"full benchmark into that folder first")
+        results["tokenizers"] = {n: earlier["tokenizers"][n] for n in stage1}
+        results["config"]["stage1_steps"] = earlier["config"]["stage1_steps"]
+        results["config"]["stage1_lr"] = earlier["config"].get("stage1_lr", 2e-4)
+        results["config"]["gan"] = earlier["config"].get("gan", False)
+        stage1 = {}
     for name, (exp, ov) in stage1.items():
         print(f"[bench] stage 1: {name}", flush=True)
         r = train(exp, out / name, [*common(args, s1), f"optimizer.lr={args.stage1_lr}", *ov,
@@ -170,15 +187,15 @@ def main() -> None:
     # -- stage 2: diffusion rows ---------------------------------------------------------------------------------
     s_rae = dimension_shift(math.prod(LATENT_RAE))
     fit = f"task.tokenizer.fit_statistics_items={args.stat_items}"  # latent statistics over that many images
-    rae_tok = [f"task.tokenizer.checkpoint={out / 'rae'}", "task.tokenizer.random_init=null", fit]
+    rae_tok = [f"task.tokenizer.checkpoint={tok_dir / 'rae'}", "task.tokenizer.random_init=null", fit]
     pixel = ["task.tokenizer=null", "task.model.input_size=32", "task.model.patch_size=4", "task.model.in_channels=1",
              "task.time_shift=1.0", "task.sample_shift=1.0"]
     rows = {
         "SiT pixels": ("rae_sit", pixel),
         "REPA SiT pixels": ("rae_sit", [*pixel, "task.recipe=repa", "+task.align_depth=2", "+task.projector_dim=256"]),
-        "SiT VA-VAE": ("vavae_sit", [f"task.tokenizer.checkpoint={out / 'vavae'}", "task.tokenizer.random_init=null",
-                                     fit]),
-        "SiT KL-VAE (no VF)": ("vavae_sit", [f"task.tokenizer.checkpoint={out / 'kl_vae'}",
+        "SiT VA-VAE": ("vavae_sit", [f"task.tokenizer.checkpoint={tok_dir / 'vavae'}",
+                                     "task.tokenizer.random_init=null", fit]),
+        "SiT KL-VAE (no VF)": ("vavae_sit", [f"task.tokenizer.checkpoint={tok_dir / 'kl_vae'}",
                                              "task.tokenizer.random_init=null", fit]),
         "SiT RAE (w128, shift)": ("rae_sit", [*rae_tok, f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"]),
         "SiT RAE (w64 < 96 channels)": ("rae_sit", [*rae_tok, "task.model.hidden_size=64",
@@ -210,7 +227,7 @@ def main() -> None:
         grids[name] = sc.pop("samples")
         results["generation"][name] = {**sc, "train_seconds": r["seconds"]}
         if name == "SiT RAE (w128, shift)":  # same diffusion model, latents decoded by the noise-free decoder
-            tok = load_tokenizer(str(out / "rae_no_noise"), fit_statistics="never")
+            tok = load_tokenizer(str(tok_dir / "rae_no_noise"), fit_statistics="never")
             main_tok = load_task(r["checkpoint"])[0].tokenizer
             tok.latent_mean.copy_(main_tok.latent_mean)  # same frozen encoder, hence the same statistics
             tok.latent_std.copy_(main_tok.latent_std)
@@ -232,7 +249,8 @@ def table(results: dict) -> str:
     lines = [f"Digits 32x32, self-trained ViT teacher; stage 1: {c['stage1_steps']} steps at lr "
              f"{c.get('stage1_lr', 2e-4):g}, {'with' if c.get('gan') else 'without'} the adversarial term; diffusion: "
              f"{c['diffusion_steps']} steps at lr {c.get('diffusion_lr', 2e-4):g}; batch {c['batch_size']}, seed "
-             f"{c['seed']}; {c['samples']} samples, Euler {c['sample_steps']} steps, {guidance}.", "",
+             f"{c['seed']}; {c['samples']} samples, Euler {c['sample_steps']} steps, {guidance}"
+             + (f"; tokenizers from {c['stage1_from']}." if c.get("stage1_from") else "."), "",
              "| tokenizer | PSNR | SSIM | FD-teacher (recon) |", "|---|---|---|---|"]
     for name, r in results["tokenizers"].items():
         lines.append(f"| {name} | {r.get('recon/psnr', float('nan')):.2f} | {r.get('recon/ssim', float('nan')):.3f} | "
