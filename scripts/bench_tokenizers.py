@@ -254,13 +254,13 @@ def table(results: dict) -> str:
              "| tokenizer | PSNR | SSIM | FD-teacher (recon) |", "|---|---|---|---|"]
     for name, r in results["tokenizers"].items():
         lines.append(f"| {name} | {r.get('recon/psnr', float('nan')):.2f} | {r.get('recon/ssim', float('nan')):.3f} | "
-                     f"{r.get('recon/fd_teacher', float('nan')):.2f} |")
+                     f"{r.get('recon/fd_teacher', float('nan')):.3f} |")
     ref = results["reference"]
-    lines += ["", f"Reference: FD-teacher of held-out vs training images {ref['fd_teacher_heldout_vs_train']:.2f}; "
+    lines += ["", f"Reference: FD-teacher of held-out vs training images {ref['fd_teacher_heldout_vs_train']:.3f}; "
                   f"classifier accuracy on held-out images {ref['classifier_heldout_accuracy']:.3f}.", "",
               "| model | params (M) | FD-teacher | precision | recall | cond. accuracy |", "|---|---|---|---|---|---|"]
     for name, r in results["generation"].items():
-        lines.append(f"| {name} | {r['params_M']:.2f} | {r['fd_teacher']:.2f} | {r['precision']:.3f} | "
+        lines.append(f"| {name} | {r['params_M']:.2f} | {r['fd_teacher']:.3f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['cond_accuracy']:.3f} |")
     return "\n".join(lines) + "\n"
 
