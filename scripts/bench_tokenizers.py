@@ -19,7 +19,7 @@ Rows:
 
 Writes ``<out>/results.json``, ``<out>/results.md`` (the table for docs/vision_tokenizers.md) and ``<out>/bench.png``.
 
-    python scripts/bench_tokenizers.py                     # default size
+    python scripts/bench_tokenizers.py                     # the documented run: ~70 min on 2 CPU cores
     python scripts/bench_tokenizers.py --quick             # 2 steps per row: checks that everything runs
     python scripts/bench_tokenizers.py --stage1-from outputs/bench_tokenizers --diffusion-steps 500 \
         --out outputs/bench_tokenizers_500                 # the diffusion rows at another budget, same tokenizers
@@ -55,10 +55,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", default="outputs/bench_tokenizers")
     p.add_argument("--teacher", default=None,
                    help="teacher weights (default: data/vision/teacher_vit_digits.safetensors, trained if missing)")
-    p.add_argument("--stage1-steps", type=int, default=200)
-    p.add_argument("--diffusion-steps", type=int, default=400)
+    p.add_argument("--stage1-steps", type=int, default=1500)
+    p.add_argument("--diffusion-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--samples", type=int, default=300, help="generated samples per row")
+    p.add_argument("--samples", type=int, default=500, help="generated samples per row")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stat-items", type=int, default=512, help="training images the latent statistics are fitted on")
