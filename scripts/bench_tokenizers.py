@@ -65,13 +65,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay of every row (default: 1 - 10/steps, so the evaluated EMA has forgotten the init)")
     p.add_argument("--diffusion-lr", type=float, default=1e-3,
-                   help="learning rate of every diffusion row (the recipes' 2e-4 is tuned for long runs: at a few "
-                        "thousand steps a 128-wide SiT has not yet learned to use its class label)")
+                   help="learning rate of every diffusion row (at 2e-4-3e-4 a small SiT ignores its class label for "
+                        "the first thousands of steps; docs/vision.md)")
     p.add_argument("--stage1-lr", type=float, default=2e-4, help="learning rate of every tokenizer row")
     p.add_argument("--gan", action="store_true",
-                   help="train the tokenizers with the adversarial term from half the stage-1 steps (RAE's schedule); "
-                        "off by default: at this scale it destroyed reconstructions (L1 0.066 -> 0.49 within 150 "
-                        "steps of its start in a 1,500-step RAE run)")
+                   help="train the tokenizers with the adversarial term (RAE's schedule scaled to the budget: "
+                        "discriminator alone from 3/8 of the stage-1 steps, decoder term from 1/2); off by default: "
+                        "at this scale it wrecked the RAE decoder (34.9 -> 22.1 dB PSNR; docs/vision_tokenizers.md)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of every row")
     p.add_argument("--stage1-from", default=None, metavar="DIR",
                    help="reuse the tokenizers of an earlier run's output folder instead of training them (e.g. to "

@@ -199,7 +199,7 @@ def vanilla_g_loss(logits_fake: Tensor) -> Tensor:
     return F.softplus(-logits_fake).mean()
 
 
-_G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
+GEN_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
 
 
 def gan_losses(
@@ -215,13 +215,13 @@ def gan_losses(
     only); the discriminator loss sees detached images (gradients reach the discriminator only). Summing both and
     taking one optimiser step therefore updates each player with its own objective.
     """
-    if gen_loss not in _G_LOSSES:
-        raise ValueError(f"gen_loss must be one of {sorted(_G_LOSSES)}, got {gen_loss!r}")
+    if gen_loss not in GEN_LOSSES:
+        raise ValueError(f"gen_loss must be one of {sorted(GEN_LOSSES)} (hinge: LDM, vanilla: RAE), got {gen_loss!r}")
     g_loss = None
     if generator:
         params = {k: v.detach() for k, v in disc.named_parameters()}
         buffers = dict(disc.named_buffers())
-        g_loss = _G_LOSSES[gen_loss](functional_call(disc, (params, buffers), (x_fake,)))
+        g_loss = GEN_LOSSES[gen_loss](functional_call(disc, (params, buffers), (x_fake,)))
     d_in = torch.cat([x_real.detach(), x_fake.detach()])  # one pass so BatchNorm sees both (taming runs two)
     logits = disc(d_in)
     n_real = logits.shape[0] // 2  # real first; a token-level discriminator returns [T, 1] in the same order

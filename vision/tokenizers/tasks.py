@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from unirep.encoders import FrozenEncoder
 from unirep.tokenizers import Tokenizer
 from unirep.train import Task
-from vision.losses import LPIPS, EncoderPerceptualLoss, gan_adaptive_weight, gan_losses
+from vision.losses import GEN_LOSSES, LPIPS, EncoderPerceptualLoss, gan_adaptive_weight, gan_losses
 from vision.tokenizers.metrics import feature_stats, frechet_distance, psnr, ssim
 from vision.tokenizers.rae import RAE
 from vision.tokenizers.vavae import VAVAE, VFAlignment, adaptive_weight
@@ -89,8 +89,10 @@ class _TokenizerTask(Task):
         if self.disc_update_start > self.disc_start:
             raise ValueError(f"disc_update_start ({self.disc_update_start}) must not come after disc_start "
                              f"({self.disc_start}): the discriminator has to train before the decoder follows it")
-        if gen_loss not in ("hinge", "vanilla"):
-            raise ValueError(f"gen_loss must be 'hinge' (LDM, VA-VAE) or 'vanilla' (RAE), got {gen_loss!r}")
+        if gen_loss not in GEN_LOSSES:  # checked at construction, not at disc_start
+            raise ValueError(
+                f"gen_loss must be one of {sorted(GEN_LOSSES)} (hinge: LDM, vanilla: RAE), got {gen_loss!r}"
+            )
         self.gen_loss = gen_loss
 
     def _reconstruction_loss(self, x_rec: Tensor, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
