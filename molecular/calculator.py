@@ -43,8 +43,9 @@ class MACECalculator(Calculator):
         self.device = torch.device(device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, ema: bool = True, device: str = "cpu",
-                        dtype: str | None = None) -> MACECalculator:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, ema: bool = True, device: str = "cpu", dtype: str | None = None
+    ) -> MACECalculator:
         """From a unirep checkpoint (or run folder: its newest checkpoint) of a MACE task."""
         from unirep.train import load_task
 
@@ -55,8 +56,9 @@ class MACECalculator(Calculator):
         return cls(model, device=device, dtype=dtype)
 
     @classmethod
-    def from_model(cls, path: str | os.PathLike, trust_pickle: bool = False, device: str = "cpu",
-                   dtype: str | None = None) -> MACECalculator:
+    def from_model(
+        cls, path: str | os.PathLike, trust_pickle: bool = False, device: str = "cpu", dtype: str | None = None
+    ) -> MACECalculator:
         """From any MACE model file :func:`molecular.teachers.load_mace_model` reads."""
         from molecular.teachers.mace import load_mace_model
 
@@ -68,8 +70,7 @@ class MACECalculator(Calculator):
         s.energy, s.forces = None, None  # labels of an attached calculator are not inputs
         periodic = any(s.pbc)
         batch = collate_graphs([AtomicGraph.from_structure(s, self.model.r_max)]).to(self.device)
-        out = self.model(batch, compute_forces=True, compute_stress=periodic and "stress" in properties,
-                         training=False)
+        out = self.model(batch, compute_forces=True, compute_stress=periodic and "stress" in properties, training=False)
         energy = float(out["energy"].detach().double().cpu()[0])
         self.results["energy"] = energy
         self.results["free_energy"] = energy

@@ -119,8 +119,9 @@ class Structure:
         return atoms
 
     @classmethod
-    def from_atoms(cls, atoms, id: str = "", source: str = "", energy_key: str = "energy",
-                   forces_key: str = "forces") -> Structure:
+    def from_atoms(
+        cls, atoms, id: str = "", source: str = "", energy_key: str = "energy", forces_key: str = "forces"
+    ) -> Structure:
         """From ``ase.Atoms``; labels from ``atoms.info``/``atoms.arrays`` keys or an attached calculator."""
         energy = atoms.info.get(energy_key)
         forces = atoms.arrays.get(forces_key)
@@ -146,8 +147,13 @@ def _stem(path: str | os.PathLike) -> str:
     return Path(path).name.split(".")[0]
 
 
-def read_structures(path: str | os.PathLike, index: str = ":", format: str | None = None,
-                    energy_key: str = "energy", forces_key: str = "forces") -> list[Structure]:
+def read_structures(
+    path: str | os.PathLike,
+    index: str = ":",
+    format: str | None = None,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+) -> list[Structure]:
     """Read every structure of a file ASE can read (extxyz, xyz, cif, POSCAR, traj, ...).
 
     Ids are ``<file stem>/<item>`` unless the file stores ``id`` in each frame's info.
@@ -168,8 +174,11 @@ def read_structures(path: str | os.PathLike, index: str = ":", format: str | Non
         frames = [frames]
     out = []
     for k, atoms in enumerate(frames):
-        out.append(Structure.from_atoms(atoms, id=f"{_stem(path)}/{k}", source=f"{path}:{k}",
-                                        energy_key=energy_key, forces_key=forces_key))
+        out.append(
+            Structure.from_atoms(
+                atoms, id=f"{_stem(path)}/{k}", source=f"{path}:{k}", energy_key=energy_key, forces_key=forces_key
+            )
+        )
     return out
 
 
@@ -195,8 +204,13 @@ def _mol_to_structures(mol, prefix: str, source: str) -> list[Structure]:
     return out
 
 
-def structures_from_smiles(smiles: Iterable[str], num_confs: int = 1, seed: int = 0, optimize: str | None = "mmff",
-                           names: Sequence[str] | None = None) -> list[Structure]:
+def structures_from_smiles(
+    smiles: Iterable[str],
+    num_confs: int = 1,
+    seed: int = 0,
+    optimize: str | None = "mmff",
+    names: Sequence[str] | None = None,
+) -> list[Structure]:
     """Conformers from SMILES with rdkit's ETKDGv3 (explicit hydrogens), optionally MMFF94-relaxed.
 
     A SMILES that does not parse or embed raises :class:`StructureError` naming its position and text.
@@ -242,8 +256,9 @@ def read_sdf(path: str | os.PathLike, remove_hs: bool = False) -> list[Structure
         if mol is None:
             raise StructureError(f"{path}: molecule {k} is malformed (rdkit could not parse it); fix or remove it")
         if mol.GetNumConformers() == 0:
-            raise StructureError(f"{path}: molecule {k} has no coordinates; an SDF block with 3-D coordinates is "
-                                 "needed")
+            raise StructureError(
+                f"{path}: molecule {k} has no coordinates; an SDF block with 3-D coordinates is needed"
+            )
         out.extend(_mol_to_structures(mol, f"{_stem(path)}/{k}", f"{path}:{k}"))
     if not out:
         raise StructureError(f"{path}: no molecules in the file")
@@ -299,8 +314,13 @@ def ccd_residue(name: str) -> Structure:
 # ---------------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------------
-def validate_structures(structures: Sequence[Structure], z_table: Sequence[int] | None = None,
-                        require_labels: bool = False, min_distance: float = 0.5, name: str = "data set") -> None:
+def validate_structures(
+    structures: Sequence[Structure],
+    z_table: Sequence[int] | None = None,
+    require_labels: bool = False,
+    min_distance: float = 0.5,
+    name: str = "data set",
+) -> None:
     """Raise :class:`StructureError` naming the first bad item: empty set, NaN, overlapping atoms, unknown
     element, missing or malformed labels, duplicate ids."""
     if len(structures) == 0:
@@ -351,8 +371,9 @@ def validate_structures(structures: Sequence[Structure], z_table: Sequence[int] 
 # ---------------------------------------------------------------------------------------------------------------
 # Graphs and batches
 # ---------------------------------------------------------------------------------------------------------------
-def neighbour_graph(positions: np.ndarray, r_max: float, cell: np.ndarray | None = None,
-                    pbc: Sequence[bool] = (False, False, False)) -> tuple[np.ndarray, np.ndarray]:
+def neighbour_graph(
+    positions: np.ndarray, r_max: float, cell: np.ndarray | None = None, pbc: Sequence[bool] = (False, False, False)
+) -> tuple[np.ndarray, np.ndarray]:
     """Directed edges within ``r_max`` (self-edges excluded): ``edge_index[2, E]`` (sender, receiver) and
     integer ``unit_shifts[E, 3]`` such that the edge vector is ``r[receiver] - r[sender] + unit_shifts @ cell``."""
     from matscipy.neighbours import neighbour_list
@@ -439,9 +460,25 @@ class GraphBatch:
         def mv(t):
             return None if t is None else t.to(device)
 
-        return replace(self, **{k: mv(getattr(self, k)) for k in
-                                ("numbers", "positions", "edge_index", "shifts", "unit_shifts", "cell", "pbc", "batch",
-                                 "ptr", "energy", "forces")})
+        return replace(
+            self,
+            **{
+                k: mv(getattr(self, k))
+                for k in (
+                    "numbers",
+                    "positions",
+                    "edge_index",
+                    "shifts",
+                    "unit_shifts",
+                    "cell",
+                    "pbc",
+                    "batch",
+                    "ptr",
+                    "energy",
+                    "forces",
+                )
+            },
+        )
 
     def tokens(self, x: Tensor | None = None) -> TokenSet:
         """A :class:`TokenSet` over the atoms: ``x`` per-atom features (default: atomic numbers as a column),
@@ -458,9 +495,15 @@ class GraphBatch:
         a, b = int(self.ptr[i]), int(self.ptr[i + 1])
         emask = (self.edge_index[0] >= a) & (self.edge_index[0] < b)
         return AtomicGraph(
-            self.numbers[a:b], self.positions[a:b], self.edge_index[:, emask] - a, self.unit_shifts[emask],
-            self.cell[i], self.pbc[i], None if self.energy is None else self.energy[i],
-            None if self.forces is None else self.forces[a:b], self.ids[i],
+            self.numbers[a:b],
+            self.positions[a:b],
+            self.edge_index[:, emask] - a,
+            self.unit_shifts[emask],
+            self.cell[i],
+            self.pbc[i],
+            None if self.energy is None else self.energy[i],
+            None if self.forces is None else self.forces[a:b],
+            self.ids[i],
         )
 
 
@@ -469,10 +512,16 @@ def regraph(batch: GraphBatch, r_max: float) -> GraphBatch:
     graphs = []
     for i in range(batch.num_graphs):
         g = batch.graph(i)
-        ei, us = neighbour_graph(g.positions.detach().cpu().double().numpy(), r_max, g.cell.cpu().double().numpy(),
-                                 g.pbc.cpu().tolist())
-        graphs.append(replace(g, edge_index=torch.as_tensor(ei, device=g.positions.device),
-                              unit_shifts=torch.as_tensor(us, dtype=g.unit_shifts.dtype, device=g.positions.device)))
+        ei, us = neighbour_graph(
+            g.positions.detach().cpu().double().numpy(), r_max, g.cell.cpu().double().numpy(), g.pbc.cpu().tolist()
+        )
+        graphs.append(
+            replace(
+                g,
+                edge_index=torch.as_tensor(ei, device=g.positions.device),
+                unit_shifts=torch.as_tensor(us, dtype=g.unit_shifts.dtype, device=g.positions.device),
+            )
+        )
     return collate_graphs(graphs)
 
 
@@ -513,8 +562,14 @@ class AtomsDataset(torch.utils.data.Dataset):
         require_labels: training sets need energies and forces.
     """
 
-    def __init__(self, structures: Sequence[Structure], r_max: float, z_table: Sequence[int] | None = None,
-                 require_labels: bool = True, name: str = "data set"):
+    def __init__(
+        self,
+        structures: Sequence[Structure],
+        r_max: float,
+        z_table: Sequence[int] | None = None,
+        require_labels: bool = True,
+        name: str = "data set",
+    ):
         structures = list(structures)
         for k, s in enumerate(structures):
             if not s.id:
@@ -550,16 +605,23 @@ class AtomsDataset(torch.utils.data.Dataset):
         path.mkdir(parents=True, exist_ok=True)
         b = collate_graphs(self.graphs)
         tensors = {
-            "numbers": b.numbers, "positions": b.positions, "edge_index": b.edge_index.contiguous(),
-            "unit_shifts": b.unit_shifts, "cell": b.cell, "ptr": b.ptr,
+            "numbers": b.numbers,
+            "positions": b.positions,
+            "edge_index": b.edge_index.contiguous(),
+            "unit_shifts": b.unit_shifts,
+            "cell": b.cell,
+            "ptr": b.ptr,
             "edge_ptr": torch.tensor([0] + np.cumsum([g.edge_index.shape[1] for g in self.graphs]).tolist()),
         }
         if b.energy is not None:
             tensors["energy"], tensors["forces"] = b.energy, b.forces
-        meta = {"r_max": self.r_max, "ids": [s.id for s in self.structures],
-                "sources": [s.source for s in self.structures],
-                "pbc": [list(s.pbc) for s in self.structures],
-                "labelled": [s.energy is not None for s in self.structures]}
+        meta = {
+            "r_max": self.r_max,
+            "ids": [s.id for s in self.structures],
+            "sources": [s.source for s in self.structures],
+            "pbc": [list(s.pbc) for s in self.structures],
+            "labelled": [s.energy is not None for s in self.structures],
+        }
         tmp = path / f"graphs.safetensors.{os.getpid()}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, path / "graphs.safetensors")
@@ -583,12 +645,30 @@ class AtomsDataset(torch.utils.data.Dataset):
             a, b, ea, eb = ptr[k], ptr[k + 1], eptr[k], eptr[k + 1]
             e = t["energy"][k] if "energy" in t and meta["labelled"][k] else None
             f = t["forces"][a:b] if e is not None else None
-            g = AtomicGraph(t["numbers"][a:b], t["positions"][a:b], t["edge_index"][:, ea:eb] - a,
-                            t["unit_shifts"][ea:eb], t["cell"][k], torch.tensor(meta["pbc"][k]), e, f, item_id)
+            g = AtomicGraph(
+                t["numbers"][a:b],
+                t["positions"][a:b],
+                t["edge_index"][:, ea:eb] - a,
+                t["unit_shifts"][ea:eb],
+                t["cell"][k],
+                torch.tensor(meta["pbc"][k]),
+                e,
+                f,
+                item_id,
+            )
             out.graphs.append(g)
-            out.structures.append(Structure(g.numbers.numpy(), g.positions.numpy(),
-                                            None if e is None else float(e), None if f is None else f.numpy(),
-                                            g.cell.numpy(), tuple(meta["pbc"][k]), item_id, meta["sources"][k]))
+            out.structures.append(
+                Structure(
+                    g.numbers.numpy(),
+                    g.positions.numpy(),
+                    None if e is None else float(e),
+                    None if f is None else f.numpy(),
+                    g.cell.numpy(),
+                    tuple(meta["pbc"][k]),
+                    item_id,
+                    meta["sources"][k],
+                )
+            )
         return out
 
 
@@ -600,8 +680,9 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def split_indices(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
-                  sizes: Sequence[int] | None = None) -> list[list[int]]:
+def split_indices(
+    n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
     """Disjoint random index splits, fixed by ``seed`` (by ``fractions`` of ``n`` or explicit ``sizes``)."""
     perm = np.random.default_rng(seed).permutation(n).tolist()
     if sizes is None:
@@ -611,14 +692,19 @@ def split_indices(n: int, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: in
         raise ValueError(f"split sizes {list(sizes)} ask for {sum(sizes)} structures but the set has {n}")
     out, start = [], 0
     for s in sizes:
-        out.append(sorted(perm[start:start + s]))
+        out.append(sorted(perm[start : start + s]))
         start += s
     return out
 
 
-def load_dataset(path: str | os.PathLike, r_max: float, z_table: Sequence[int] | None = None,
-                 require_labels: bool = True, cache_dir: str | os.PathLike | None = None,
-                 reader: Callable[[Path], list[Structure]] | None = None) -> AtomsDataset:
+def load_dataset(
+    path: str | os.PathLike,
+    r_max: float,
+    z_table: Sequence[int] | None = None,
+    require_labels: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    reader: Callable[[Path], list[Structure]] | None = None,
+) -> AtomsDataset:
     """Read a file into an :class:`AtomsDataset`, through an on-disk cache keyed by the file's content and
     ``r_max`` (a data set is processed once)."""
     path = Path(path)
@@ -630,8 +716,9 @@ def load_dataset(path: str | os.PathLike, r_max: float, z_table: Sequence[int] |
         cache = Path(cache_dir) / f"{_stem(path)}-{key.hexdigest()[:12]}"
         if (cache / "meta.json").exists() and (cache / "graphs.safetensors").exists():
             ds = AtomsDataset.load(cache)
-            validate_structures(ds.structures, z_table=z_table, require_labels=require_labels, min_distance=0,
-                                name=str(path))
+            validate_structures(
+                ds.structures, z_table=z_table, require_labels=require_labels, min_distance=0, name=str(path)
+            )
             return ds
     if reader is None:
         suffix = path.suffix.lower()
@@ -716,8 +803,11 @@ def _resolve_calc(calculator):
 
 def label_structures(structures: Sequence[Structure], calculator: Any = "gfn2") -> list[Structure]:
     """Energies and forces from an ASE calculator (name or object, or a zero-arg factory) for every structure."""
-    calc = calculator() if callable(calculator) and not hasattr(calculator, "get_potential_energy") else \
-        _resolve_calc(calculator)
+    calc = (
+        calculator()
+        if callable(calculator) and not hasattr(calculator, "get_potential_energy")
+        else _resolve_calc(calculator)
+    )
     out = []
     for k, s in enumerate(structures):
         atoms = s.to_atoms()
@@ -731,18 +821,34 @@ def label_structures(structures: Sequence[Structure], calculator: Any = "gfn2") 
     return out
 
 
-def thermal_displacements(structure: Structure, num: int, sigma: float = 0.05, seed: int = 0,
-                          prefix: str | None = None) -> list[Structure]:
+def thermal_displacements(
+    structure: Structure, num: int, sigma: float = 0.05, seed: int = 0, prefix: str | None = None
+) -> list[Structure]:
     """Random Gaussian displacements of every coordinate (std ``sigma`` Å); unlabelled copies."""
     rng = np.random.default_rng(seed)
     prefix = prefix or structure.id or "struct"
-    return [replace(structure, positions=structure.positions + rng.normal(0, sigma, structure.positions.shape),
-                    energy=None, forces=None, id=f"{prefix}/disp{k}", source=f"{structure.source}+disp{k}")
-            for k in range(num)]
+    return [
+        replace(
+            structure,
+            positions=structure.positions + rng.normal(0, sigma, structure.positions.shape),
+            energy=None,
+            forces=None,
+            id=f"{prefix}/disp{k}",
+            source=f"{structure.source}+disp{k}",
+        )
+        for k in range(num)
+    ]
 
 
-def normal_mode_samples(structure: Structure, num: int, temperature: float = 300.0, calculator: Any = "gfn2",
-                        seed: int = 0, delta: float = 0.005, prefix: str | None = None) -> list[Structure]:
+def normal_mode_samples(
+    structure: Structure,
+    num: int,
+    temperature: float = 300.0,
+    calculator: Any = "gfn2",
+    seed: int = 0,
+    delta: float = 0.005,
+    prefix: str | None = None,
+) -> list[Structure]:
     """Normal-mode sampling: a finite-difference Hessian from ``calculator`` at ``structure`` (ideally a
     minimum), then each mode's amplitude drawn so its harmonic energy is thermal: ``q_k ~ N(0, kT / w_k^2)``
     in mass-weighted coordinates (translations, rotations and imaginary modes skipped)."""
@@ -774,14 +880,30 @@ def normal_mode_samples(structure: Structure, num: int, temperature: float = 300
     for k in range(num):
         q = rng.normal(0.0, 1.0, keep.sum()) * np.sqrt(kB * temperature / w2[keep])
         dx = (modes[:, keep] @ q) / np.sqrt(m)
-        out.append(replace(structure, positions=x0 + dx.reshape(n, 3), energy=None, forces=None,
-                           id=f"{prefix}/nm{k}", source=f"{structure.source}+nm{k}"))
+        out.append(
+            replace(
+                structure,
+                positions=x0 + dx.reshape(n, 3),
+                energy=None,
+                forces=None,
+                id=f"{prefix}/nm{k}",
+                source=f"{structure.source}+nm{k}",
+            )
+        )
     return out
 
 
-def langevin_md(structure: Structure, num: int, calculator: Any = "gfn2", temperature: float = 500.0,
-                timestep_fs: float = 0.5, friction: float = 0.02, interval: int = 10, seed: int = 0,
-                prefix: str | None = None) -> list[Structure]:
+def langevin_md(
+    structure: Structure,
+    num: int,
+    calculator: Any = "gfn2",
+    temperature: float = 500.0,
+    timestep_fs: float = 0.5,
+    friction: float = 0.02,
+    interval: int = 10,
+    seed: int = 0,
+    prefix: str | None = None,
+) -> list[Structure]:
     """Short Langevin MD with ``calculator``; every ``interval`` steps a labelled frame is kept (rMD17-style)."""
     from ase import units
     from ase.md.langevin import Langevin
@@ -791,13 +913,21 @@ def langevin_md(structure: Structure, num: int, calculator: Any = "gfn2", temper
     atoms.calc = _resolve_calc(calculator)
     rng = np.random.RandomState(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
-    dyn = Langevin(atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng,
-                   fixcm=False)
+    dyn = Langevin(
+        atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng, fixcm=False
+    )
     prefix = prefix or structure.id or "struct"
     out = []
     for k in range(num):
         dyn.run(interval)
-        out.append(replace(structure, positions=atoms.get_positions().copy(),
-                           energy=float(atoms.get_potential_energy()), forces=atoms.get_forces().copy(),
-                           id=f"{prefix}/md{k}", source=f"{structure.source}+md{k}"))
+        out.append(
+            replace(
+                structure,
+                positions=atoms.get_positions().copy(),
+                energy=float(atoms.get_potential_energy()),
+                forces=atoms.get_forces().copy(),
+                id=f"{prefix}/md{k}",
+                source=f"{structure.source}+md{k}",
+            )
+        )
     return out

@@ -43,8 +43,10 @@ def _check_species(atoms_list: list, species: Sequence[int], name: str) -> None:
     for k, a in enumerate(atoms_list):
         bad = sorted(set(a.numbers.tolist()) - known)
         if bad:
-            raise ValueError(f"{name}: structure {k} has atomic numbers {bad} outside species={sorted(known)}; "
-                             "add them to the descriptor's species list")
+            raise ValueError(
+                f"{name}: structure {k} has atomic numbers {bad} outside species={sorted(known)}; "
+                "add them to the descriptor's species list"
+            )
 
 
 class _Descriptor(nn.Module):
@@ -63,8 +65,14 @@ class SOAPDescriptor(_Descriptor):
         r_cut: cutoff radius in Å; n_max, l_max: radial and angular resolution; sigma: Gaussian width in Å.
     """
 
-    def __init__(self, species: Sequence[int] = (1, 6, 7, 8), r_cut: float = 5.0, n_max: int = 6, l_max: int = 4,
-                 sigma: float = 0.5):
+    def __init__(
+        self,
+        species: Sequence[int] = (1, 6, 7, 8),
+        r_cut: float = 5.0,
+        n_max: int = 6,
+        l_max: int = 4,
+        sigma: float = 0.5,
+    ):
         super().__init__()
         try:
             from dscribe.descriptors import SOAP
@@ -89,9 +97,13 @@ class ACSFDescriptor(_Descriptor):
         g2_params: ``[(eta in 1/Å², R_s in Å), ...]``; g4_params: ``[(eta, zeta, lambda), ...]``.
     """
 
-    def __init__(self, species: Sequence[int] = (1, 6, 7, 8), r_cut: float = 5.0,
-                 g2_params: Sequence[Sequence[float]] | None = None,
-                 g4_params: Sequence[Sequence[float]] | None = None):
+    def __init__(
+        self,
+        species: Sequence[int] = (1, 6, 7, 8),
+        r_cut: float = 5.0,
+        g2_params: Sequence[Sequence[float]] | None = None,
+        g4_params: Sequence[Sequence[float]] | None = None,
+    ):
         super().__init__()
         try:
             from dscribe.descriptors import ACSF
@@ -101,8 +113,9 @@ class ACSFDescriptor(_Descriptor):
         g2 = g2_params or [(4.0, rs) for rs in np.arange(0.5, r_cut, 0.5)]
         g4 = g4_params or [(eta, zeta, lam) for eta in (0.005, 0.05) for zeta in (1.0, 4.0) for lam in (-1.0, 1.0)]
         self.species = [int(z) for z in species]
-        self.acsf = ACSF(species=self.species, r_cut=r_cut, g2_params=[list(p) for p in g2],
-                         g4_params=[list(p) for p in g4])
+        self.acsf = ACSF(
+            species=self.species, r_cut=r_cut, g2_params=[list(p) for p in g2], g4_params=[list(p) for p in g4]
+        )
         self.dim = int(self.acsf.get_number_of_features())
         self.cache_key = f"acsf-{self.species}-{r_cut}-{g2}-{g4}"
 
@@ -121,8 +134,9 @@ class RadialAngularHistogram(_Descriptor):
     weighted by ``f_c(r_ij) f_c(r_ik)``. ``f_c`` is Behler's cosine cutoff.
     """
 
-    def __init__(self, species: Sequence[int] = (1, 6, 7, 8), r_cut: float = 5.0, n_radial: int = 16,
-                 n_angular: int = 12):
+    def __init__(
+        self, species: Sequence[int] = (1, 6, 7, 8), r_cut: float = 5.0, n_radial: int = 16, n_angular: int = 12
+    ):
         super().__init__()
         self.species = [int(z) for z in species]
         self.r_cut = float(r_cut)

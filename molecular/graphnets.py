@@ -103,7 +103,8 @@ class _Potential(nn.Module, abc.ABC):
         h = self.layers(batch, pos)[-1]
         atom_e = self.readout(h).squeeze(-1).double() * self.scale + self.atomic_energies[self.species(batch.numbers)]
         energy = torch.zeros(batch.num_graphs, dtype=atom_e.dtype, device=atom_e.device).index_add_(
-            0, batch.batch, atom_e)
+            0, batch.batch, atom_e
+        )
         out = {"energy": energy}
         if compute_forces:
             (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
@@ -114,8 +115,14 @@ class _Potential(nn.Module, abc.ABC):
 class SchNet(_Potential):
     """SchNet with torch_geometric's continuous-filter interaction blocks (residual updates, as in the paper)."""
 
-    def __init__(self, z_table: Sequence[int] = (1, 6, 7, 8), hidden: int = 64, num_layers: int = 3,
-                 num_rbf: int = 32, r_max: float = 5.0):
+    def __init__(
+        self,
+        z_table: Sequence[int] = (1, 6, 7, 8),
+        hidden: int = 64,
+        num_layers: int = 3,
+        num_rbf: int = 32,
+        r_max: float = 5.0,
+    ):
         super().__init__(z_table, hidden, r_max)
         from torch_geometric.nn.models.schnet import GaussianSmearing, InteractionBlock
 
@@ -168,8 +175,14 @@ class _PaiNNUpdate(nn.Module):
 class PaiNN(_Potential):
     """PaiNN: scalar ``s[T, F]`` and vector ``v[T, 3, F]`` features; the exposed per-layer features are ``s``."""
 
-    def __init__(self, z_table: Sequence[int] = (1, 6, 7, 8), hidden: int = 64, num_layers: int = 3,
-                 num_rbf: int = 20, r_max: float = 5.0):
+    def __init__(
+        self,
+        z_table: Sequence[int] = (1, 6, 7, 8),
+        hidden: int = 64,
+        num_layers: int = 3,
+        num_rbf: int = 20,
+        r_max: float = 5.0,
+    ):
         super().__init__(z_table, hidden, r_max)
         self.num_rbf = num_rbf
         self.messages = nn.ModuleList(_PaiNNMessage(hidden, num_rbf, r_max) for _ in range(num_layers))
@@ -204,12 +217,29 @@ class MoleculeSet:
     ``GraphBatch``), ``token_groups`` (atomic numbers) and ``fingerprint``.
     """
 
-    def __init__(self, smiles: Sequence[str], num_confs: int = 2, num_displacements: int = 10, sigma: float = 0.05,
-                 seed: int = 0, calculator: str = "gfn2", r_max: float = 5.0, split: str = "test",
-                 fractions: Sequence[float] = (0.6, 0.1, 0.3), cache_dir: str | None = "data/cache/converge",
-                 limit: int | None = None):
-        params = {"smiles": list(smiles), "num_confs": num_confs, "num_displacements": num_displacements,
-                  "sigma": sigma, "seed": seed, "calculator": calculator, "r_max": r_max}
+    def __init__(
+        self,
+        smiles: Sequence[str],
+        num_confs: int = 2,
+        num_displacements: int = 10,
+        sigma: float = 0.05,
+        seed: int = 0,
+        calculator: str = "gfn2",
+        r_max: float = 5.0,
+        split: str = "test",
+        fractions: Sequence[float] = (0.6, 0.1, 0.3),
+        cache_dir: str | None = "data/cache/converge",
+        limit: int | None = None,
+    ):
+        params = {
+            "smiles": list(smiles),
+            "num_confs": num_confs,
+            "num_displacements": num_displacements,
+            "sigma": sigma,
+            "seed": seed,
+            "calculator": calculator,
+            "r_max": r_max,
+        }
         self.key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         full = _load_or_build(params, self.key, cache_dir)
         names = ("train", "val", "test")
@@ -252,8 +282,13 @@ def _load_or_build(params: dict[str, Any], key: str, cache_dir: str | None) -> A
     confs = structures_from_smiles(params["smiles"], num_confs=params["num_confs"], seed=params["seed"])
     structures = []
     for k, s in enumerate(confs):
-        structures += thermal_displacements(s, params["num_displacements"], params["sigma"],
-                                            seed=params["seed"] * 100003 + k, prefix=f"{s.id or 'conf'}{k}")
+        structures += thermal_displacements(
+            s,
+            params["num_displacements"],
+            params["sigma"],
+            seed=params["seed"] * 100003 + k,
+            prefix=f"{s.id or 'conf'}{k}",
+        )
     structures = label_structures(structures, params["calculator"])
     ds = AtomsDataset(structures, params["r_max"], require_labels=True, name="MoleculeSet")
     log.info("labelled %d structures with %s in %.1f s", len(ds), params["calculator"], time.time() - t0)
@@ -293,9 +328,17 @@ def evaluate_forces(model: _Potential, data: Any, batch_size: int = 64) -> dict[
     return {"force_mae": f_err / n_comp, "energy_mae_per_atom": e_err / n_atoms}
 
 
-def train_graphnet(model: _Potential, train: Any, val: Any | None = None, steps: int = 300, lr: float = 3e-3,
-                   batch_size: int = 16, seed: int = 0, energy_weight: float = 1.0, forces_weight: float = 10.0,
-                   ) -> dict[str, float]:
+def train_graphnet(
+    model: _Potential,
+    train: Any,
+    val: Any | None = None,
+    steps: int = 300,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    energy_weight: float = 1.0,
+    forces_weight: float = 10.0,
+) -> dict[str, float]:
     """Train on energies and forces (MSE in units of the force RMS) with AdamW and a cosine learning rate."""
     g = torch.Generator().manual_seed(seed)
     _fit_references(model, train.data if hasattr(train, "data") else train)
@@ -332,8 +375,9 @@ class GraphNetEncoder(nn.Module):
         seed: initialisation seed (models differing only in seed are the same-architecture baseline).
     """
 
-    def __init__(self, model: _Potential, checkpoint: str | None = None, train: dict[str, Any] | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, model: _Potential, checkpoint: str | None = None, train: dict[str, Any] | None = None, seed: int = 0
+    ):
         super().__init__()
         self.model = model
         torch.manual_seed(seed)
@@ -350,14 +394,21 @@ class GraphNetEncoder(nn.Module):
             data_kw = dict(train.pop("data"))
             self.model.train()
             t0 = time.time()
-            metrics = train_graphnet(self.model, MoleculeSet(**data_kw, split="train"),
-                                     MoleculeSet(**data_kw, split="val"), seed=seed, **train)
+            metrics = train_graphnet(
+                self.model,
+                MoleculeSet(**data_kw, split="train"),
+                MoleculeSet(**data_kw, split="val"),
+                seed=seed,
+                **train,
+            )
             self.meta = {"seed": seed, "train": train, "data": data_kw, "seconds": time.time() - t0, **metrics}
             if ckpt is not None:
                 self._save(ckpt)
         elif ckpt is not None:
-            raise FileNotFoundError(f"graph-net checkpoint {ckpt} does not exist (no model.safetensors): train it "
-                                    "(give `train:`) or fix the path")
+            raise FileNotFoundError(
+                f"graph-net checkpoint {ckpt} does not exist (no model.safetensors): train it "
+                "(give `train:`) or fix the path"
+            )
         self.quality = self.meta.get("force_mae")
         self.model.eval().requires_grad_(False)
         self.dim = self.model.hidden
@@ -390,11 +441,15 @@ class GraphNetEncoder(nn.Module):
         try:
             missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
         except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"checkpoint {path} does not fit {type(self.model).__name__}: {err}; was it trained with "
-                             "another architecture or size?") from err
+            raise ValueError(
+                f"checkpoint {path} does not fit {type(self.model).__name__}: {err}; was it trained with "
+                "another architecture or size?"
+            ) from err
         if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit {type(self.model).__name__}: missing {missing}, "
-                             f"unexpected {unexpected}; was it trained with another architecture or size?")
+            raise ValueError(
+                f"checkpoint {path} does not fit {type(self.model).__name__}: missing {missing}, "
+                f"unexpected {unexpected}; was it trained with another architecture or size?"
+            )
         meta = path / "meta.json"
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
 
@@ -408,4 +463,3 @@ class GraphNetEncoder(nn.Module):
 
     def encode(self, sample: GraphBatch) -> TokenSet:
         return self.encode_layers(sample)[-1]
-

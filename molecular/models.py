@@ -101,8 +101,9 @@ def fit_atomic_energies(structures: Sequence[Structure], z_table: Sequence[int])
     return [float(v) for v in e0]
 
 
-def fit_scale_shift(structures: Sequence[Structure], z_table: Sequence[int], atomic_energies: Sequence[float]
-                    ) -> tuple[float, float]:
+def fit_scale_shift(
+    structures: Sequence[Structure], z_table: Sequence[int], atomic_energies: Sequence[float]
+) -> tuple[float, float]:
     """MACE's ScaleShift statistics: shift = mean per-atom interaction energy, scale = RMS of force components."""
     z_index = {int(z): k for k, z in enumerate(z_table)}
     e0 = np.asarray(atomic_energies)
@@ -176,27 +177,52 @@ class MACEModel(nn.Module):
         self.dtype = resolve_dtype(dtype)
         # everything needed to rebuild this model (the project's state-dict + JSON format)
         self.config: dict[str, Any] = dict(
-            z_table=self.z_table, r_max=float(r_max), num_channels=num_channels, max_L=max_L, correlation=correlation,
-            num_interactions=num_interactions, max_ell=max_ell, num_bessel=num_bessel,
-            num_polynomial_cutoff=num_polynomial_cutoff, radial_mlp=list(radial_mlp), mlp_irreps=mlp_irreps,
-            atomic_energies=[float(e) for e in atomic_energies], avg_num_neighbors=float(avg_num_neighbors),
-            scale=float(scale), shift=float(shift), interaction=interaction, gate=gate,
-            dtype=str(self.dtype).replace("torch.", ""), keep_last_layer_irreps=keep_last_layer_irreps,
+            z_table=self.z_table,
+            r_max=float(r_max),
+            num_channels=num_channels,
+            max_L=max_L,
+            correlation=correlation,
+            num_interactions=num_interactions,
+            max_ell=max_ell,
+            num_bessel=num_bessel,
+            num_polynomial_cutoff=num_polynomial_cutoff,
+            radial_mlp=list(radial_mlp),
+            mlp_irreps=mlp_irreps,
+            atomic_energies=[float(e) for e in atomic_energies],
+            avg_num_neighbors=float(avg_num_neighbors),
+            scale=float(scale),
+            shift=float(shift),
+            interaction=interaction,
+            gate=gate,
+            dtype=str(self.dtype).replace("torch.", ""),
+            keep_last_layer_irreps=keep_last_layer_irreps,
         )
-        hidden = o3.Irreps(" + ".join(f"{num_channels}x{ell}{'e' if ell % 2 == 0 else 'o'}"
-                                      for ell in range(max_L + 1)))
+        hidden = o3.Irreps(
+            " + ".join(f"{num_channels}x{ell}{'e' if ell % 2 == 0 else 'o'}" for ell in range(max_L + 1))
+        )
         block = getattr(modules, interaction)
         with default_dtype(self.dtype), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*TorchScript type system.*")
             self.mace = modules.ScaleShiftMACE(
-                atomic_inter_scale=float(scale), atomic_inter_shift=float(shift), r_max=float(r_max),
-                num_bessel=num_bessel, num_polynomial_cutoff=num_polynomial_cutoff, max_ell=max_ell,
-                interaction_cls=block, interaction_cls_first=block, num_interactions=num_interactions,
-                num_elements=len(self.z_table), hidden_irreps=hidden, MLP_irreps=o3.Irreps(mlp_irreps),
+                atomic_inter_scale=float(scale),
+                atomic_inter_shift=float(shift),
+                r_max=float(r_max),
+                num_bessel=num_bessel,
+                num_polynomial_cutoff=num_polynomial_cutoff,
+                max_ell=max_ell,
+                interaction_cls=block,
+                interaction_cls_first=block,
+                num_interactions=num_interactions,
+                num_elements=len(self.z_table),
+                hidden_irreps=hidden,
+                MLP_irreps=o3.Irreps(mlp_irreps),
                 atomic_energies=np.asarray(atomic_energies, dtype=np.float64),
                 avg_num_neighbors=float(avg_num_neighbors),
-                atomic_numbers=self.z_table, correlation=correlation, gate=_GATES[gate],
-                radial_MLP=list(radial_mlp), keep_last_layer_irreps=keep_last_layer_irreps,
+                atomic_numbers=self.z_table,
+                correlation=correlation,
+                gate=_GATES[gate],
+                radial_MLP=list(radial_mlp),
+                keep_last_layer_irreps=keep_last_layer_irreps,
             )
         self.mace.to(self.dtype)
         lookup = torch.full((119,), -1, dtype=torch.long)
@@ -208,16 +234,18 @@ class MACEModel(nn.Module):
         # per-layer feature layout: irreps after each product block; scalars (0e) come first in MACE's irreps
         self.layer_irreps = [p.linear.irreps_out for p in self.mace.products]
         self.layer_dims = [ir.dim for ir in self.layer_irreps]
-        self.layer_scalar_dims = [sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1)
-                                  for irreps in self.layer_irreps]
+        self.layer_scalar_dims = [
+            sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1) for irreps in self.layer_irreps
+        ]
 
     @classmethod
     def wrap(cls, mace_module: nn.Module) -> MACEModel:
         """Adopt an already-built ``mace.modules`` MACE/ScaleShiftMACE (e.g. a MACE-MP-0 or MACE-OFF23 file):
         its elements, cutoff, dtype and per-layer irreps are read from the module itself."""
         if not hasattr(mace_module, "products") or not hasattr(mace_module, "atomic_numbers"):
-            raise TypeError(f"{type(mace_module).__name__} is not a mace.modules MACE model "
-                            "(no products/atomic_numbers)")
+            raise TypeError(
+                f"{type(mace_module).__name__} is not a mace.modules MACE model (no products/atomic_numbers)"
+            )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.mace = mace_module
@@ -228,18 +256,25 @@ class MACEModel(nn.Module):
         lookup = torch.full((119,), -1, dtype=torch.long)
         lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
         self.register_buffer("z_lookup", lookup, persistent=False)
-        self.register_buffer("avg_num_neighbors", torch.tensor(float(mace_module.interactions[0].avg_num_neighbors),
-                                                               dtype=torch.float64))
+        self.register_buffer(
+            "avg_num_neighbors", torch.tensor(float(mace_module.interactions[0].avg_num_neighbors), dtype=torch.float64)
+        )
         self.register_load_state_dict_post_hook(self._sync_avg_num_neighbors)
         self.layer_irreps = [p.linear.irreps_out for p in mace_module.products]
         self.layer_dims = [ir.dim for ir in self.layer_irreps]
-        self.layer_scalar_dims = [sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1)
-                                  for irreps in self.layer_irreps]
+        self.layer_scalar_dims = [
+            sum(mul for mul, ir in irreps if ir.l == 0 and ir.p == 1) for irreps in self.layer_irreps
+        ]
         return self
 
     @torch.no_grad()
-    def set_statistics(self, atomic_energies: Sequence[float] | None = None, scale: float | None = None,
-                       shift: float | None = None, avg_num_neighbors: float | None = None) -> None:
+    def set_statistics(
+        self,
+        atomic_energies: Sequence[float] | None = None,
+        scale: float | None = None,
+        shift: float | None = None,
+        avg_num_neighbors: float | None = None,
+    ) -> None:
         """Set data statistics after construction (E0s, ScaleShift, message normalisation), as MACE's training
         script does before training; the constructor arguments in ``config`` follow."""
         if atomic_energies is not None:
@@ -290,8 +325,9 @@ class MACEModel(nn.Module):
             "ptr": batch.ptr,
         }
 
-    def forward(self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = False,
-                training: bool | None = None) -> dict[str, Tensor | None]:
+    def forward(
+        self, batch: GraphBatch, compute_forces: bool = True, compute_stress: bool = False, training: bool | None = None
+    ) -> dict[str, Tensor | None]:
         """``energy[B]`` (eV), ``forces[T, 3]`` (eV/Å), ``stress[B, 3, 3]`` (eV/Å³, when asked), ``node_feats``.
 
         ``training`` keeps the force graph for a loss on forces (defaults to ``self.training``).
@@ -300,11 +336,16 @@ class MACEModel(nn.Module):
         data = self._inputs(batch)
         with torch.enable_grad():
             out = self.mace(data, training=training, compute_force=compute_forces, compute_stress=compute_stress)
-        return {"energy": out["energy"], "forces": out["forces"], "stress": out["stress"],
-                "node_feats": out["node_feats"]}
+        return {
+            "energy": out["energy"],
+            "forces": out["forces"],
+            "stress": out["stress"],
+            "node_feats": out["node_feats"],
+        }
 
-    def split_features(self, node_feats: Tensor, batch: GraphBatch, indices: Sequence[int] | None = None,
-                       invariant: bool = True) -> list[TokenSet]:
+    def split_features(
+        self, node_feats: Tensor, batch: GraphBatch, indices: Sequence[int] | None = None, invariant: bool = True
+    ) -> list[TokenSet]:
         """Cut MACE's concatenated ``node_feats[T, sum_i dim_i]`` into one TokenSet per chosen interaction."""
         indices = list(range(self.num_layers)) if indices is None else list(indices)
         starts = np.cumsum([0] + self.layer_dims).tolist()
@@ -314,12 +355,13 @@ class MACEModel(nn.Module):
                 raise IndexError(f"interaction index {i} out of range for {self.num_layers} interactions")
             i = i % self.num_layers
             width = self.layer_scalar_dims[i] if invariant else self.layer_dims[i]
-            x = node_feats[:, starts[i]:starts[i] + width]  # [T, width]; scalars are the leading channels
+            x = node_feats[:, starts[i] : starts[i] + width]  # [T, width]; scalars are the leading channels
             out.append(TokenSet(x, batch.batch, batch.positions.to(x.dtype), batch.num_graphs))
         return out
 
-    def forward_intermediates(self, batch: GraphBatch, indices: Sequence[int] | None = None, invariant: bool = True
-                              ) -> list[TokenSet]:
+    def forward_intermediates(
+        self, batch: GraphBatch, indices: Sequence[int] | None = None, invariant: bool = True
+    ) -> list[TokenSet]:
         """Per-atom node features after each chosen interaction (all by default) as TokenSets."""
         out = self.forward(batch, compute_forces=False, training=False)
         return self.split_features(out["node_feats"], batch, indices, invariant)

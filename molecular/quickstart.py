@@ -46,13 +46,84 @@ NARROW = {  # rMD17's molecules, as SMILES
 
 # the broad set without qm9pack: small H/C/N/O/F molecules, QM9-like
 FALLBACK_SMILES = [
-    "C", "N", "O", "CC", "CN", "CO", "CF", "C=C", "C#C", "C=O", "C#N", "CCC", "CCN", "CC=O", "CC#N", "COC",
-    "CC(C)C", "CC(C)O", "CC(=O)O", "CC(=O)N", "NC=O", "OC=O", "C1CC1", "C1CO1", "C1CN1", "C1CCC1", "C1CCO1",
-    "CCCC", "CCCO", "CCCN", "CCOC", "CC(C)=O", "CC=CC", "C=CC=C", "C=CC#N", "CC#CC", "OCCO", "NCCO", "NCCN",
-    "CC(N)C", "CC(O)C=O", "O=CC=O", "CCC=O", "CCC#N", "FC(F)F", "CC(F)F", "OC(F)C", "c1ccoc1", "c1cc[nH]c1",
-    "c1ccncc1", "c1cnccn1", "c1cncnc1", "C1CCCC1", "C1CCOC1", "C1CCNC1", "CC1CC1", "CCCCC", "CCCCO", "CC(C)CO",
-    "CC(C)(C)O", "CN(C)C", "CNC=O", "CN(C)C=O", "COC=O", "CCOC=O", "NC(=O)N", "CC(=N)N", "N#CC#N", "OC1CC1",
-    "C1=CCC=C1", "C1=CC=CC1", "O=C1CCC1", "O=C1CCO1", "CC(=O)C=C", "C=CC=O", "C=CCO", "C=CCN", "CC=NO",
+    "C",
+    "N",
+    "O",
+    "CC",
+    "CN",
+    "CO",
+    "CF",
+    "C=C",
+    "C#C",
+    "C=O",
+    "C#N",
+    "CCC",
+    "CCN",
+    "CC=O",
+    "CC#N",
+    "COC",
+    "CC(C)C",
+    "CC(C)O",
+    "CC(=O)O",
+    "CC(=O)N",
+    "NC=O",
+    "OC=O",
+    "C1CC1",
+    "C1CO1",
+    "C1CN1",
+    "C1CCC1",
+    "C1CCO1",
+    "CCCC",
+    "CCCO",
+    "CCCN",
+    "CCOC",
+    "CC(C)=O",
+    "CC=CC",
+    "C=CC=C",
+    "C=CC#N",
+    "CC#CC",
+    "OCCO",
+    "NCCO",
+    "NCCN",
+    "CC(N)C",
+    "CC(O)C=O",
+    "O=CC=O",
+    "CCC=O",
+    "CCC#N",
+    "FC(F)F",
+    "CC(F)F",
+    "OC(F)C",
+    "c1ccoc1",
+    "c1cc[nH]c1",
+    "c1ccncc1",
+    "c1cnccn1",
+    "c1cncnc1",
+    "C1CCCC1",
+    "C1CCOC1",
+    "C1CCNC1",
+    "CC1CC1",
+    "CCCCC",
+    "CCCCO",
+    "CC(C)CO",
+    "CC(C)(C)O",
+    "CN(C)C",
+    "CNC=O",
+    "CN(C)C=O",
+    "COC=O",
+    "CCOC=O",
+    "NC(=O)N",
+    "CC(=N)N",
+    "N#CC#N",
+    "OC1CC1",
+    "C1=CCC=C1",
+    "C1=CC=CC1",
+    "O=C1CCC1",
+    "O=C1CCO1",
+    "CC(=O)C=C",
+    "C=CC=O",
+    "C=CCO",
+    "C=CCN",
+    "CC=NO",
 ]
 
 
@@ -60,8 +131,15 @@ def _log(msg: str) -> None:
     print(f"[molecular.quickstart] {msg}", flush=True)
 
 
-def ensure_md_set(path: str | Path, molecule: str = "ethanol", frames: int = 200, interval: int = 10,
-                  temperature: float = 500.0, seed: int = 0, calculator: str = "gfn2") -> Path:
+def ensure_md_set(
+    path: str | Path,
+    molecule: str = "ethanol",
+    frames: int = 200,
+    interval: int = 10,
+    temperature: float = 500.0,
+    seed: int = 0,
+    calculator: str = "gfn2",
+) -> Path:
     """Write a GFN2-xTB Langevin-MD set of ``molecule`` to ``path`` unless it exists."""
     path = Path(path)
     if path.exists():
@@ -71,8 +149,16 @@ def ensure_md_set(path: str | Path, molecule: str = "ethanol", frames: int = 200
     t0 = time.time()
     _log(f"{path} missing: running {frames * interval} steps of {calculator} Langevin MD of {molecule} ...")
     start = structures_from_smiles([NARROW[molecule]], num_confs=1, seed=seed, names=[molecule])[0]
-    out = langevin_md(start, frames, calculator=calculator, temperature=temperature, timestep_fs=0.5,
-                      interval=interval, seed=seed, prefix=molecule)
+    out = langevin_md(
+        start,
+        frames,
+        calculator=calculator,
+        temperature=temperature,
+        timestep_fs=0.5,
+        interval=interval,
+        seed=seed,
+        prefix=molecule,
+    )
     write_extxyz(out, path)
     _log(f"wrote {len(out)} frames to {path} in {time.time() - t0:.0f} s")
     return path
@@ -109,8 +195,9 @@ def qm9_structures(num: int, seed: int, exclude: Sequence[str] = ()) -> list[Str
     return out
 
 
-def broad_structures(num_molecules: int, displacements: int, seed: int, calculator: str = "gfn2"
-                     ) -> tuple[list[Structure], str]:
+def broad_structures(
+    num_molecules: int, displacements: int, seed: int, calculator: str = "gfn2"
+) -> tuple[list[Structure], str]:
     """The broad set: molecules (narrow-set molecules held out) plus thermal displacements, labelled."""
     from rdkit import Chem
 
@@ -128,8 +215,9 @@ def broad_structures(num_molecules: int, displacements: int, seed: int, calculat
     return label_structures(frames, calculator), origin
 
 
-def ensure_broad_set(path: str | Path, num_molecules: int = 300, displacements: int = 1, seed: int = 0,
-                     calculator: str = "gfn2") -> Path:
+def ensure_broad_set(
+    path: str | Path, num_molecules: int = 300, displacements: int = 1, seed: int = 0, calculator: str = "gfn2"
+) -> Path:
     path = Path(path)
     if path.exists():
         return path
@@ -141,9 +229,17 @@ def ensure_broad_set(path: str | Path, num_molecules: int = 300, displacements: 
     return path
 
 
-def pretrain_mace(train: str | Path, z_table: Sequence[int], steps: int = 600, batch_size: int = 16,
-                  lr: float = 0.01, seed: int = 0, energy_weight: float = 1.0, forces_weight: float = 100.0,
-                  **model_kwargs) -> MACEModel:
+def pretrain_mace(
+    train: str | Path,
+    z_table: Sequence[int],
+    steps: int = 600,
+    batch_size: int = 16,
+    lr: float = 0.01,
+    seed: int = 0,
+    energy_weight: float = 1.0,
+    forces_weight: float = 100.0,
+    **model_kwargs,
+) -> MACEModel:
     """A compact pre-training loop (Adam with amsgrad, MACE's defaults; EMA 0.99) for the quick-start teacher.
 
     The full recipe runs through the trainer: ``unirep-train experiment=molecular/foundation``.
@@ -163,7 +259,7 @@ def pretrain_mace(train: str | Path, z_table: Sequence[int], steps: int = 600, b
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         epoch += 1
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            batch = collate_graphs([ds[i] for i in order[start:start + batch_size]])
+            batch = collate_graphs([ds[i] for i in order[start : start + batch_size]])
             out = task(batch, step)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -178,18 +274,29 @@ def pretrain_mace(train: str | Path, z_table: Sequence[int], steps: int = 600, b
                         ema[k].copy_(v)
             step += 1
             if step % 100 == 0 or step == steps:
-                _log(f"teacher pre-training step {step}/{steps}: force MAE "
-                     f"{float(out['mae/forces']) * 1e3:.0f} meV/Å ({time.time() - t0:.0f} s)")
+                _log(
+                    f"teacher pre-training step {step}/{steps}: force MAE "
+                    f"{float(out['mae/forces']) * 1e3:.0f} meV/Å ({time.time() - t0:.0f} s)"
+                )
             if step >= steps:
                 break
     model.load_state_dict(ema)
     return model.eval()
 
 
-def foundation_teacher(path: str, train: str = "data/molecular/broad_quick.extxyz", layers: Sequence[int] = (-1,),
-                       invariant: bool = True, cache_dir: str | None = "data/cache/molecular/teacher",
-                       z_table: Sequence[int] = (1, 6, 7, 8, 9), steps: int = 600, num_molecules: int = 300,
-                       seed: int = 0, model: dict | None = None, random_init: bool = False) -> FrozenEncoder:
+def foundation_teacher(
+    path: str,
+    train: str = "data/molecular/broad_quick.extxyz",
+    layers: Sequence[int] = (-1,),
+    invariant: bool = True,
+    cache_dir: str | None = "data/cache/molecular/teacher",
+    z_table: Sequence[int] = (1, 6, 7, 8, 9),
+    steps: int = 600,
+    num_molecules: int = 300,
+    seed: int = 0,
+    model: dict | None = None,
+    random_init: bool = False,
+) -> FrozenEncoder:
     """The project's own pre-trained MACE as a frozen teacher (hydra target).
 
     ``path`` is a saved MACE (project format folder, or a unirep checkpoint folder of the foundation recipe).
@@ -201,8 +308,9 @@ def foundation_teacher(path: str, train: str = "data/molecular/broad_quick.extxy
     folder = Path(path)
     if not folder.exists():
         ensure_broad_set(train, num_molecules=num_molecules, seed=seed)
-        kwargs = dict(r_max=5.0, num_channels=32, max_L=1, num_interactions=2, max_ell=3, correlation=3,
-                      radial_mlp=(32, 32))
+        kwargs = dict(
+            r_max=5.0, num_channels=32, max_L=1, num_interactions=2, max_ell=3, correlation=3, radial_mlp=(32, 32)
+        )
         kwargs.update(model or {})
         _log(f"{folder} missing: pre-training the foundation teacher on {train} ({steps} steps) ...")
         trained = pretrain_mace(train, z_table, steps=steps, seed=seed, **kwargs)

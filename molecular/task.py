@@ -38,8 +38,15 @@ from unirep.train.data import DataModule, Task
 __all__ = ["MaceTask", "mace_data", "energy_forces_loss", "prediction_metrics", "alignment_floor"]
 
 
-def energy_forces_loss(pred_energy: Tensor, pred_forces: Tensor, energy: Tensor, forces: Tensor,
-                       num_atoms: Tensor, energy_weight: float, forces_weight: float) -> dict[str, Tensor]:
+def energy_forces_loss(
+    pred_energy: Tensor,
+    pred_forces: Tensor,
+    energy: Tensor,
+    forces: Tensor,
+    num_atoms: Tensor,
+    energy_weight: float,
+    forces_weight: float,
+) -> dict[str, Tensor]:
     """MACE's WeightedEnergyForcesLoss (per-atom energy error, all force components)."""
     dtype = pred_energy.dtype
     loss_e = (((energy.to(dtype) - pred_energy) / num_atoms.to(dtype)) ** 2).mean()
@@ -47,9 +54,18 @@ def energy_forces_loss(pred_energy: Tensor, pred_forces: Tensor, energy: Tensor,
     return {"loss": energy_weight * loss_e + forces_weight * loss_f, "loss/energy": loss_e, "loss/forces": loss_f}
 
 
-def mace_data(train: str, val: str | None = None, r_max: float = 5.0, z_table: Sequence[int] | None = None,
-              n_train: int | None = None, n_val: int | None = None, val_fraction: float = 0.1, seed: int = 0,
-              cache_dir: str | None = "data/cache/molecular", generate: dict | None = None) -> DataModule:
+def mace_data(
+    train: str,
+    val: str | None = None,
+    r_max: float = 5.0,
+    z_table: Sequence[int] | None = None,
+    n_train: int | None = None,
+    n_val: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    cache_dir: str | None = "data/cache/molecular",
+    generate: dict | None = None,
+) -> DataModule:
     """Labelled structures from files as a DataModule of graphs (hydra target).
 
     Without ``val``, a seeded split of ``train`` gives the validation set (``n_val`` or ``val_fraction``).
@@ -89,8 +105,13 @@ def _detach(out: dict) -> dict:
     return {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in out.items()}
 
 
-def predict(model: MACEModel, data: AtomsDataset, batch_size: int = 32, device: torch.device | None = None,
-            features: tuple[int, bool] | None = None) -> dict[str, Any]:
+def predict(
+    model: MACEModel,
+    data: AtomsDataset,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    features: tuple[int, bool] | None = None,
+) -> dict[str, Any]:
     """Energies, forces (and optionally one layer's features) of every structure, in data order, on the CPU."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -103,8 +124,9 @@ def predict(model: MACEModel, data: AtomsDataset, batch_size: int = 32, device: 
             es.append(out["energy"].detach().double().cpu())
             fs.append(out["forces"].detach().double().cpu())
             if features is not None:
-                feats.append(model.split_features(out["node_feats"].detach(), batch, [features[0]], features[1])[0]
-                             .to("cpu"))
+                feats.append(
+                    model.split_features(out["node_feats"].detach(), batch, [features[0]], features[1])[0].to("cpu")
+                )
     finally:
         model.train(was_training)
     result = {"energy": torch.cat(es), "forces": torch.cat(fs)}
@@ -113,8 +135,9 @@ def predict(model: MACEModel, data: AtomsDataset, batch_size: int = 32, device: 
     return result
 
 
-def prediction_metrics(pred_e: Tensor, pred_f: Tensor, true_e: Tensor, true_f: Tensor, num_atoms: Tensor
-                       ) -> dict[str, float]:
+def prediction_metrics(
+    pred_e: Tensor, pred_f: Tensor, true_e: Tensor, true_f: Tensor, num_atoms: Tensor
+) -> dict[str, float]:
     """Energy MAE/RMSE (meV per structure and per atom) and force-component MAE/RMSE (meV/Å)."""
     de = (pred_e - true_e).double()
     df = (pred_f - true_f).double()
@@ -153,8 +176,15 @@ def _parity_plot(path: Path, sets: dict[str, dict[str, np.ndarray]]) -> None:
     os.replace(tmp, path)
 
 
-def alignment_floor(student: TokenSet, target: TokenSet, numbers: Tensor, hidden_dim: int = 256, steps: int = 300,
-                    lr: float = 1e-3, seed: int = 0) -> dict[str, float]:
+def alignment_floor(
+    student: TokenSet,
+    target: TokenSet,
+    numbers: Tensor,
+    hidden_dim: int = 256,
+    steps: int = 300,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
     """What cosine is cheap to get: fresh projectors fitted (full batch, Adam) from the student's features to the
     real teacher targets and to targets shuffled across atoms, and the per-element mean teacher feature.
 
@@ -248,11 +278,14 @@ class MaceTask(Task):
     def fit_statistics(self, path: str | os.PathLike) -> None:
         if not Path(path).exists():
             # a checkpoint being rebuilt elsewhere: its saved buffers hold the statistics
-            warnings.warn(f"statistics_from={path} not found: E0s/scale/shift stay as given (or as loaded from a "
-                          "checkpoint)", stacklevel=2)
+            warnings.warn(
+                f"statistics_from={path} not found: E0s/scale/shift stay as given (or as loaded from a checkpoint)",
+                stacklevel=2,
+            )
             return
-        ds = load_dataset(path, r_max=self.model.r_max, z_table=self.model.z_table, require_labels=True,
-                          cache_dir=self.cache_dir)
+        ds = load_dataset(
+            path, r_max=self.model.r_max, z_table=self.model.z_table, require_labels=True, cache_dir=self.cache_dir
+        )
         e0 = fit_atomic_energies(ds.structures, self.model.z_table)
         scale, shift = fit_scale_shift(ds.structures, self.model.z_table, e0)
         neighbours = float(np.mean([g.edge_index.shape[1] / max(1, g.numbers.numel()) for g in ds.graphs]))
@@ -263,12 +296,20 @@ class MaceTask(Task):
         if batch.energy is None or batch.forces is None:
             raise StructureError(f"batch with ids {batch.ids[:3]}...: training needs energy and forces labels")
         out = self.model(batch, training=True)
-        result = energy_forces_loss(out["energy"], out["forces"], batch.energy, batch.forces, batch.num_atoms,
-                                    self.energy_weight, self.forces_weight)
+        result = energy_forces_loss(
+            out["energy"],
+            out["forces"],
+            batch.energy,
+            batch.forces,
+            batch.num_atoms,
+            self.energy_weight,
+            self.forces_weight,
+        )
         with torch.no_grad():
             result["mae/forces"] = (out["forces"] - batch.forces.to(out["forces"].dtype)).abs().mean()
-            result["mae/energy_per_atom"] = ((out["energy"] - batch.energy.to(out["energy"].dtype)).abs()
-                                             / batch.num_atoms).mean()
+            result["mae/energy_per_atom"] = (
+                (out["energy"] - batch.energy.to(out["energy"].dtype)).abs() / batch.num_atoms
+            ).mean()
         if self.aligner is not None:
             student = self.model.split_features(out["node_feats"], batch, [self.align_layer], self.align_invariant)[0]
             ids = batch.ids if self.teacher_cache else None  # None: the teacher runs on every step
@@ -303,8 +344,12 @@ class MaceTask(Task):
             for k, v in prediction_metrics(p["energy"], p["forces"], ref.energy, ref.forces, n).items():
                 metrics[f"{name}/{k}"] = v
             mean_e = float((ref.energy / n).mean())
-            plot[name] = {"true_e": (ref.energy / n - mean_e).numpy(), "pred_e": (p["energy"] / n - mean_e).numpy(),
-                          "true_f": ref.forces.reshape(-1).numpy(), "pred_f": p["forces"].reshape(-1).numpy()}
+            plot[name] = {
+                "true_e": (ref.energy / n - mean_e).numpy(),
+                "pred_e": (p["energy"] / n - mean_e).numpy(),
+                "true_f": ref.forces.reshape(-1).numpy(),
+                "pred_f": p["forces"].reshape(-1).numpy(),
+            }
             if want is not None:
                 metrics.update(self._alignment_metrics(p["features"], ref))
         _parity_plot(out_dir / f"parity_step{step:08d}.png", plot)
@@ -335,4 +380,3 @@ class MaceTask(Task):
                 floor = alignment_floor(student, target, ref.numbers, steps=self.baseline_steps)
             out.update({f"align/val_cos_{k}": v for k, v in floor.items()})
         return out
-

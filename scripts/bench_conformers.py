@@ -40,15 +40,25 @@ def _quote(smiles: list[str]) -> str:
     return "[" + ",".join(f"'{s}'" for s in smiles) + "]"
 
 
-def _train(recipe: str, out: Path, steps: int, train: list[str], val: list[str],
-           extra: list[str]) -> tuple[float, Path]:
+def _train(
+    recipe: str, out: Path, steps: int, train: list[str], val: list[str], extra: list[str]
+) -> tuple[float, Path]:
     """Train one recipe through the project's trainer; returns (training steps/s, run folder)."""
     run = out / recipe
     overrides = [
-        f"experiment=molecular/{recipe}", f"out_dir={run}", f"trainer.max_steps={steps}", "trainer.eval_at_end=false",
-        "trainer.eval_every=0", "trainer.progress=false", "trainer.tensorboard=false", "trainer.resume=none",
-        f"trainer.ckpt_every={steps}", f"data.smiles={_quote(train)}", f"+data.val_smiles={_quote(val)}",
-        "data.relax=false", *extra,
+        f"experiment=molecular/{recipe}",
+        f"out_dir={run}",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_at_end=false",
+        "trainer.eval_every=0",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.resume=none",
+        f"trainer.ckpt_every={steps}",
+        f"data.smiles={_quote(train)}",
+        f"+data.val_smiles={_quote(val)}",
+        "data.relax=false",
+        *extra,
     ]
     t0 = time.perf_counter()
     run_train(compose("train", overrides))
@@ -78,9 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-test", type=int, default=8, help="held-out molecules")
     p.add_argument("--max-confs", type=int, default=6, help="reference conformers per test molecule (at most)")
     p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--teacher", choices=["foundation", "random"], default="foundation",
-                   help="conformer_repa teacher: the project's pre-trained small MACE (made on first use) or a "
-                        "random MACE (functional check only)")
+    p.add_argument(
+        "--teacher",
+        choices=["foundation", "random"],
+        default="foundation",
+        help="conformer_repa teacher: the project's pre-trained small MACE (made on first use) or a "
+        "random MACE (functional check only)",
+    )
     p.add_argument("--no-relax", action="store_true", help="test references without GFN2-xTB relaxation")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -94,10 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench] {len(train)} training molecules, {len(test)} held out: {test}", flush=True)
     t0 = time.perf_counter()
     # references: a seed no method uses for generation (the ETKDG baseline uses seed + 1000)
-    records = [make_record(s, num_confs=10, max_confs=args.max_confs, relax=not args.no_relax, seed=args.seed)
-               for s in test]
-    print(f"[bench] test references in {time.perf_counter() - t0:.0f} s: "
-          f"{[r.conformers.shape[0] for r in records]} conformers", flush=True)
+    records = [
+        make_record(s, num_confs=10, max_confs=args.max_confs, relax=not args.no_relax, seed=args.seed) for s in test
+    ]
+    print(
+        f"[bench] test references in {time.perf_counter() - t0:.0f} s: "
+        f"{[r.conformers.shape[0] for r in records]} conformers",
+        flush=True,
+    )
     counts = [2 * r.conformers.shape[0] for r in records]
     results: dict[str, dict] = {}
 
@@ -113,15 +131,24 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     # EMA decay 0.99: with a few hundred steps a 0.999 EMA still holds mostly the initial weights (measured: it
     # scored COV-R 29 % where the raw weights scored 81 %)
-    common = ["task.model.hidden=64", "task.model.num_layers=4", "task.model.time_dim=32", "trainer.batch_size=32",
-              "trainer.warmup_steps=100", "optimizer.lr=1e-3", "trainer.ema_decay=0.99"]
+    common = [
+        "task.model.hidden=64",
+        "task.model.num_layers=4",
+        "task.model.time_dim=32",
+        "trainer.batch_size=32",
+        "trainer.warmup_steps=100",
+        "optimizer.lr=1e-3",
+        "trainer.ema_decay=0.99",
+    ]
     runs: dict[str, tuple[float, Path]] = {}
     for label, recipe, extra in recipes:
         runs[label] = _train(recipe, out, args.steps, train, test, common + extra)
-    ae_rate, ae_run = _train("local_ae", out, args.ae_steps, train, test,
-                             ["trainer.warmup_steps=100", "trainer.ema_decay=0.99"])
-    runs["latent flow"] = _train("latent_flow", out, args.steps, train, test,
-                                 common + [f"task.tokenizer.checkpoint={ae_run}"])
+    ae_rate, ae_run = _train(
+        "local_ae", out, args.ae_steps, train, test, ["trainer.warmup_steps=100", "trainer.ema_decay=0.99"]
+    )
+    runs["latent flow"] = _train(
+        "latent_flow", out, args.steps, train, test, common + [f"task.tokenizer.checkpoint={ae_run}"]
+    )
 
     for label, (rate, run) in runs.items():
         task, _ = load_task(run, ema=True)
@@ -133,13 +160,23 @@ def main(argv: list[str] | None = None) -> dict:
         results[label] = {**agg, "train_steps_per_s": rate, "seconds_per_conformer": sec}
         (out / f"{label.split()[0]}_per_molecule.json").write_text(json.dumps(rows, indent=1))
         print(f"[bench] {label}: {agg}", flush=True)
-    results["_setup"] = {"train_molecules": train, "test_molecules": test, "steps": args.steps,
-                         "ae_steps": args.ae_steps, "ae_train_steps_per_s": ae_rate, "teacher": args.teacher,
-                         "relaxed_references": not args.no_relax, "sample_steps": args.sample_steps,
-                         "command": " ".join(sys.argv)}
+    results["_setup"] = {
+        "train_molecules": train,
+        "test_molecules": test,
+        "steps": args.steps,
+        "ae_steps": args.ae_steps,
+        "ae_train_steps_per_s": ae_rate,
+        "teacher": args.teacher,
+        "relaxed_references": not args.no_relax,
+        "sample_steps": args.sample_steps,
+        "command": " ".join(sys.argv),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| method | COV-R (%) | MAT-R (Å) | COV-P (%) | MAT-P (Å) | valid graph (%) | valid SMILES (%) | "
-             "ΔE median (eV) | train steps/s | s / conformer |", "|---" * 10 + "|"]
+    lines = [
+        "| method | COV-R (%) | MAT-R (Å) | COV-P (%) | MAT-P (Å) | valid graph (%) | valid SMILES (%) | "
+        "ΔE median (eV) | train steps/s | s / conformer |",
+        "|---" * 10 + "|",
+    ]
     for label, r in results.items():
         if label.startswith("_"):
             continue
@@ -148,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {label} | {100 * r['cov_r_mean']:.1f} | {r['mat_r_mean']:.3f} | {100 * r['cov_p_mean']:.1f} | "
             f"{r['mat_p_mean']:.3f} | {100 * r.get('valid_graph', float('nan')):.0f} | "
             f"{100 * r.get('valid_smiles', float('nan')):.0f} | {r.get('energy_rel_median', float('nan')):.3f} | "
-            f"{rate} | {r['seconds_per_conformer']:.4f} |")
+            f"{rate} | {r['seconds_per_conformer']:.4f} |"
+        )
     table = "\n".join(lines)
     (out / "results.md").write_text(table + "\n")
     print(table, flush=True)

@@ -54,8 +54,11 @@ def _overrides(args, recipe: str, n: int, seed: int, out: Path) -> list[str]:
         "task.model.dtype=float32",
     ]
     if recipe == "mace_repa":
-        o += [f"task.teacher.path={args.teacher}", f"task.align_weight={args.align_weight}",
-              f"task.baseline_steps={args.baseline_steps}"]
+        o += [
+            f"task.teacher.path={args.teacher}",
+            f"task.align_weight={args.align_weight}",
+            f"task.baseline_steps={args.baseline_steps}",
+        ]
     return o
 
 
@@ -66,8 +69,11 @@ def _step_times(args, n_steps: int = 20) -> dict[str, float]:
     from unirep.cli import compose
 
     out: dict[str, float] = {}
-    for label, recipe, cache in (("mace", "mace", True), ("mace_repa_cached", "mace_repa", True),
-                                 ("mace_repa_uncached", "mace_repa", False)):
+    for label, recipe, cache in (
+        ("mace", "mace", True),
+        ("mace_repa_cached", "mace_repa", True),
+        ("mace_repa_uncached", "mace_repa", False),
+    ):
         cfg = compose("train", _overrides(args, recipe, 100, 0, Path("/tmp/unused")))
         torch.manual_seed(0)
         data = instantiate(cfg.data, _convert_="object")
@@ -76,8 +82,10 @@ def _step_times(args, n_steps: int = 20) -> dict[str, float]:
             task.teacher_cache = cache
         opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=0.01, amsgrad=True)
         rng = np.random.default_rng(0)
-        batches = [data.collate_fn([data.train[int(i)] for i in rng.choice(len(data.train), args.batch_size)])
-                   for _ in range(n_steps + 3)]
+        batches = [
+            data.collate_fn([data.train[int(i)] for i in rng.choice(len(data.train), args.batch_size)])
+            for _ in range(n_steps + 3)
+        ]
         if recipe == "mace_repa" and cache:  # warm the cache: the steady state of a fixed data set
             for b in batches:
                 task.teacher.encode(b, ids=b.ids)
@@ -100,9 +108,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--ema-decay", type=float, default=0.99,
-                   help="MACE's 0.99; lower it for runs of a few hundred steps (the EMA still holds ~0.99^steps of "
-                        "the initial weights)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.99,
+        help="MACE's 0.99; lower it for runs of a few hundred steps (the EMA still holds ~0.99^steps of "
+        "the initial weights)",
+    )
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--align-weight", type=float, default=0.5)
     p.add_argument("--baseline-steps", type=int, default=100)
@@ -130,9 +142,15 @@ def main() -> None:
                 t0 = time.time()
                 result = run_train(compose("train", _overrides(args, recipe, n, seed, run_dir)))
                 ev = result["eval"]
-                row = {"recipe": recipe, "n_train": n, "seed": seed, "wall_s": time.time() - t0,
-                       "f_mae_meV_A": ev["val/f_mae_meV_A"], "e_mae_meV": ev["val/e_mae_meV"],
-                       "e_mae_meV_per_atom": ev["val/e_mae_meV_per_atom"]}
+                row = {
+                    "recipe": recipe,
+                    "n_train": n,
+                    "seed": seed,
+                    "wall_s": time.time() - t0,
+                    "f_mae_meV_A": ev["val/f_mae_meV_A"],
+                    "e_mae_meV": ev["val/e_mae_meV"],
+                    "e_mae_meV_per_atom": ev["val/e_mae_meV_per_atom"],
+                }
                 row.update({k: v for k, v in ev.items() if k.startswith("align/")})
                 runs.append(row)
                 print(json.dumps(row), flush=True)
@@ -143,13 +161,23 @@ def main() -> None:
             rows = [r for r in runs if r["recipe"] == recipe and r["n_train"] == n]
             f = np.array([r["f_mae_meV_A"] for r in rows])
             e = np.array([r["e_mae_meV"] for r in rows])
-            summary[f"{recipe}/n{n}"] = {"f_mae_meV_A_mean": float(f.mean()), "f_mae_meV_A_std": float(f.std()),
-                                         "e_mae_meV_mean": float(e.mean()), "e_mae_meV_std": float(e.std())}
+            summary[f"{recipe}/n{n}"] = {
+                "f_mae_meV_A_mean": float(f.mean()),
+                "f_mae_meV_A_std": float(f.std()),
+                "e_mae_meV_mean": float(e.mean()),
+                "e_mae_meV_std": float(e.std()),
+            }
     timing = _step_times(args)
     timing["repa_over_mace_cached"] = timing["mace_repa_cached"] / timing["mace"]
     timing["repa_over_mace_uncached"] = timing["mace_repa_uncached"] / timing["mace"]
-    record = {"args": vars(args), "runs": runs, "summary": summary, "step_time_s": timing,
-              "torch_threads": torch.get_num_threads(), "total_wall_s": time.time() - t_start}
+    record = {
+        "args": vars(args),
+        "runs": runs,
+        "summary": summary,
+        "step_time_s": timing,
+        "torch_threads": torch.get_num_threads(),
+        "total_wall_s": time.time() - t_start,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=1))
 
     import matplotlib

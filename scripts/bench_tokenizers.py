@@ -53,8 +53,11 @@ LATENT_RAE = (96, 8, 8)  # the digits teacher: 96-d tokens on an 8x8 grid at 32x
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_tokenizers")
-    p.add_argument("--teacher", default=None,
-                   help="teacher weights (default: data/vision/teacher_vit_digits.safetensors, trained if missing)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher weights (default: data/vision/teacher_vit_digits.safetensors, trained if missing)",
+    )
     p.add_argument("--stage1-steps", type=int, default=1500)
     p.add_argument("--diffusion-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -62,20 +65,35 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stat-items", type=int, default=512, help="training images the latent statistics are fitted on")
-    p.add_argument("--ema-decay", type=float, default=None,
-                   help="EMA decay of every row (default: 1 - 10/steps, so the evaluated EMA has forgotten the init)")
-    p.add_argument("--diffusion-lr", type=float, default=1e-3,
-                   help="learning rate of every diffusion row (at 2e-4-3e-4 a small SiT ignores its class label for "
-                        "the first thousands of steps; docs/vision.md)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="EMA decay of every row (default: 1 - 10/steps, so the evaluated EMA has forgotten the init)",
+    )
+    p.add_argument(
+        "--diffusion-lr",
+        type=float,
+        default=1e-3,
+        help="learning rate of every diffusion row (at 2e-4-3e-4 a small SiT ignores its class label for "
+        "the first thousands of steps; docs/vision.md)",
+    )
     p.add_argument("--stage1-lr", type=float, default=2e-4, help="learning rate of every tokenizer row")
-    p.add_argument("--gan", action="store_true",
-                   help="train the tokenizers with the adversarial term (RAE's schedule scaled to the budget: "
-                        "discriminator alone from 3/8 of the stage-1 steps, decoder term from 1/2); off by default: "
-                        "at this scale it wrecked the RAE decoder (34.9 -> 22.1 dB PSNR; docs/vision_tokenizers.md)")
+    p.add_argument(
+        "--gan",
+        action="store_true",
+        help="train the tokenizers with the adversarial term (RAE's schedule scaled to the budget: "
+        "discriminator alone from 3/8 of the stage-1 steps, decoder term from 1/2); off by default: "
+        "at this scale it wrecked the RAE decoder (34.9 -> 22.1 dB PSNR; docs/vision_tokenizers.md)",
+    )
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale of every row")
-    p.add_argument("--stage1-from", default=None, metavar="DIR",
-                   help="reuse the tokenizers of an earlier run's output folder instead of training them (e.g. to "
-                        "score the diffusion rows at another step budget on the same tokenizers)")
+    p.add_argument(
+        "--stage1-from",
+        default=None,
+        metavar="DIR",
+        help="reuse the tokenizers of an earlier run's output folder instead of training them (e.g. to "
+        "score the diffusion rows at another step budget on the same tokenizers)",
+    )
     p.add_argument("--quick", action="store_true", help="2 steps per row, few samples (a run check, not a result)")
     return p.parse_args()
 
@@ -90,10 +108,17 @@ def train(experiment: str, out_dir: Path, overrides: list[str]) -> dict:
 
 def common(args: argparse.Namespace, steps: int) -> list[str]:
     return [
-        f"seed={args.seed}", f"trainer.max_steps={steps}", f"trainer.batch_size={args.batch_size}",
-        "trainer.progress=false", "trainer.tensorboard=false", f"trainer.log_every={max(1, steps // 10)}",
-        f"trainer.ckpt_every={steps}", "trainer.keep_last=1", "trainer.warmup_steps=" + str(min(50, steps // 10)),
-        "trainer.resume=none", "trainer.device=cpu",
+        f"seed={args.seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.batch_size={args.batch_size}",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        f"trainer.log_every={max(1, steps // 10)}",
+        f"trainer.ckpt_every={steps}",
+        "trainer.keep_last=1",
+        "trainer.warmup_steps=" + str(min(50, steps // 10)),
+        "trainer.resume=none",
+        "trainer.device=cpu",
         # a short run evaluated with a long-horizon EMA scores the initial weights: tie the horizon to the budget
         f"trainer.ema_decay={args.ema_decay if args.ema_decay is not None else min(0.9999, max(0.0, 1 - 10 / steps))}",
     ]
@@ -104,10 +129,14 @@ def teacher_overrides(prefix: str, teacher: str) -> list[str]:
 
 
 def diffusion_overrides(args: argparse.Namespace, teacher: str) -> list[str]:
-    return [*teacher_overrides("task.teacher", teacher), "task.time_sampler=logit_normal",
-            f"task.sample_steps={args.sample_steps}", f"task.cfg_scale={args.cfg_scale}",
-            "task.eval_samples=" + str(min(args.samples, 200)),
-            "trainer.eval_at_end=false"]
+    return [
+        *teacher_overrides("task.teacher", teacher),
+        "task.time_sampler=logit_normal",
+        f"task.sample_steps={args.sample_steps}",
+        f"task.cfg_scale={args.cfg_scale}",
+        "task.eval_samples=" + str(min(args.samples, 200)),
+        "trainer.eval_at_end=false",
+    ]
 
 
 @torch.no_grad()
@@ -122,8 +151,14 @@ def score(checkpoint: str, data, clf, real_feats: torch.Tensor, num: int, seed: 
     p, r = knn_precision_recall(real_feats, feats, k=3)
     acc = float((clf.predict(fake.flatten(1).numpy()) == labels.numpy()).mean())
     params = sum(q.numel() for q in task.model.parameters())
-    return {"fd_teacher": frechet_distance(real_feats, feats), "precision": p, "recall": r, "cond_accuracy": acc,
-            "params_M": round(params / 1e6, 3), "samples": fake[:50]}
+    return {
+        "fd_teacher": frechet_distance(real_feats, feats),
+        "precision": p,
+        "recall": r,
+        "cond_accuracy": acc,
+        "params_M": round(params / 1e6, 3),
+        "samples": fake[:50],
+    }
 
 
 def main() -> None:
@@ -151,14 +186,19 @@ def main() -> None:
     t_start = time.time()
     s1, s2 = args.stage1_steps, args.diffusion_steps
     # RAE's schedule scaled to the budget: discriminator alone from 6/16, adversarial term from 8/16 of the steps
-    gan = ([f"task.disc_start={s1 // 2}", f"task.disc_update_start={3 * s1 // 8}"] if args.gan
-           else ["task.discriminator=null"])
+    gan = (
+        [f"task.disc_start={s1 // 2}", f"task.disc_update_start={3 * s1 // 8}"]
+        if args.gan
+        else ["task.discriminator=null"]
+    )
 
     # -- stage 1: tokenizers -------------------------------------------------------------------------------------
     stage1 = {
         "rae": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), *gan]),
-        "rae_no_noise": ("rae_stage1", [*teacher_overrides("task.tokenizer.encoder", teacher), *gan,
-                                        "task.tokenizer.noise_tau=0"]),
+        "rae_no_noise": (
+            "rae_stage1",
+            [*teacher_overrides("task.tokenizer.encoder", teacher), *gan, "task.tokenizer.noise_tau=0"],
+        ),
         "vavae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), *gan]),
         "kl_vae": ("vavae_stage1", [*teacher_overrides("task.teacher", teacher), *gan, "task.align=null"]),
     }
@@ -168,8 +208,10 @@ def main() -> None:
         earlier = json.loads((tok_dir / "results.json").read_text())
         missing = [n for n in stage1 if n not in earlier.get("tokenizers", {})]
         if missing:
-            raise SystemExit(f"--stage1-from {tok_dir}: its results.json has no tokenizer rows {missing}; run the "
-                             f"full benchmark into that folder first")
+            raise SystemExit(
+                f"--stage1-from {tok_dir}: its results.json has no tokenizer rows {missing}; run the "
+                f"full benchmark into that folder first"
+            )
         results["tokenizers"] = {n: earlier["tokenizers"][n] for n in stage1}
         results["config"]["stage1_steps"] = earlier["config"]["stage1_steps"]
         results["config"]["stage1_lr"] = earlier["config"].get("stage1_lr", 2e-4)
@@ -177,9 +219,17 @@ def main() -> None:
         stage1 = {}
     for name, (exp, ov) in stage1.items():
         print(f"[bench] stage 1: {name}", flush=True)
-        r = train(exp, out / name, [*common(args, s1), f"optimizer.lr={args.stage1_lr}", *ov,
-                                    f"task.eval_items={16 if args.quick else 100}",
-                                    f"task.fit_statistics_items={args.stat_items}"])
+        r = train(
+            exp,
+            out / name,
+            [
+                *common(args, s1),
+                f"optimizer.lr={args.stage1_lr}",
+                *ov,
+                f"task.eval_items={16 if args.quick else 100}",
+                f"task.fit_statistics_items={args.stat_items}",
+            ],
+        )
         results["tokenizers"][name] = {k: v for k, v in r["eval"].items() if k.startswith("recon/")}
         results["tokenizers"][name].update(seconds=r["seconds"], checkpoint=r["checkpoint"])
         (out / "results.json").write_text(json.dumps(results, indent=2))  # partial results survive a later failure
@@ -188,21 +238,35 @@ def main() -> None:
     s_rae = dimension_shift(math.prod(LATENT_RAE))
     fit = f"task.tokenizer.fit_statistics_items={args.stat_items}"  # latent statistics over that many images
     rae_tok = [f"task.tokenizer.checkpoint={tok_dir / 'rae'}", "task.tokenizer.random_init=null", fit]
-    pixel = ["task.tokenizer=null", "task.model.input_size=32", "task.model.patch_size=4", "task.model.in_channels=1",
-             "task.time_shift=1.0", "task.sample_shift=1.0"]
+    pixel = [
+        "task.tokenizer=null",
+        "task.model.input_size=32",
+        "task.model.patch_size=4",
+        "task.model.in_channels=1",
+        "task.time_shift=1.0",
+        "task.sample_shift=1.0",
+    ]
     rows = {
         "SiT pixels": ("rae_sit", pixel),
         "REPA SiT pixels": ("rae_sit", [*pixel, "task.recipe=repa", "+task.align_depth=2", "+task.projector_dim=256"]),
-        "SiT VA-VAE": ("vavae_sit", [f"task.tokenizer.checkpoint={tok_dir / 'vavae'}",
-                                     "task.tokenizer.random_init=null", fit]),
-        "SiT KL-VAE (no VF)": ("vavae_sit", [f"task.tokenizer.checkpoint={tok_dir / 'kl_vae'}",
-                                             "task.tokenizer.random_init=null", fit]),
+        "SiT VA-VAE": (
+            "vavae_sit",
+            [f"task.tokenizer.checkpoint={tok_dir / 'vavae'}", "task.tokenizer.random_init=null", fit],
+        ),
+        "SiT KL-VAE (no VF)": (
+            "vavae_sit",
+            [f"task.tokenizer.checkpoint={tok_dir / 'kl_vae'}", "task.tokenizer.random_init=null", fit],
+        ),
         "SiT RAE (w128, shift)": ("rae_sit", [*rae_tok, f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"]),
-        "SiT RAE (w64 < 96 channels)": ("rae_sit", [*rae_tok, "task.model.hidden_size=64",
-                                                    f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"]),
+        "SiT RAE (w64 < 96 channels)": (
+            "rae_sit",
+            [*rae_tok, "task.model.hidden_size=64", f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"],
+        ),
         "SiT RAE (w128, no shift)": ("rae_sit", [*rae_tok, "task.time_shift=1.0", "task.sample_shift=1.0"]),
-        "DiT^DH RAE (64 + head 192)": ("rae_ditdh", [*rae_tok, f"task.time_shift={s_rae}",
-                                                     f"task.sample_shift={s_rae}"]),
+        "DiT^DH RAE (64 + head 192)": (
+            "rae_ditdh",
+            [*rae_tok, f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"],
+        ),
     }
     data = digits_data(resolution=32, channels=1)
     from sklearn.linear_model import LogisticRegression
@@ -216,13 +280,18 @@ def main() -> None:
     with torch.no_grad():
         real_feats = torch.cat([enc.encode_pooled(b) for b in xs.split(250)])
         val_feats = enc.encode_pooled(vx)
-    results["reference"] = {"fd_teacher_heldout_vs_train": frechet_distance(real_feats, val_feats),
-                            "classifier_heldout_accuracy": float(clf.score(vx.flatten(1).numpy(), vy))}
+    results["reference"] = {
+        "fd_teacher_heldout_vs_train": frechet_distance(real_feats, val_feats),
+        "classifier_heldout_accuracy": float(clf.score(vx.flatten(1).numpy(), vy)),
+    }
     grids = {}
     for name, (exp, ov) in rows.items():
         print(f"[bench] diffusion: {name}", flush=True)
-        r = train(exp, out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"),
-                  [*common(args, s2), f"optimizer.lr={args.diffusion_lr}", *diffusion_overrides(args, teacher), *ov])
+        r = train(
+            exp,
+            out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_"),
+            [*common(args, s2), f"optimizer.lr={args.diffusion_lr}", *diffusion_overrides(args, teacher), *ov],
+        )
         sc = score(r["checkpoint"], data, clf, real_feats, args.samples, args.seed)
         grids[name] = sc.pop("samples")
         results["generation"][name] = {**sc, "train_seconds": r["seconds"]}
@@ -246,22 +315,35 @@ def main() -> None:
 def table(results: dict) -> str:
     c = results["config"]
     guidance = f"CFG {c.get('cfg_scale', 1.0)}" if c.get("cfg_scale", 1.0) != 1.0 else "no guidance"
-    lines = [f"Digits 32x32, self-trained ViT teacher; stage 1: {c['stage1_steps']} steps at lr "
-             f"{c.get('stage1_lr', 2e-4):g}, {'with' if c.get('gan') else 'without'} the adversarial term; diffusion: "
-             f"{c['diffusion_steps']} steps at lr {c.get('diffusion_lr', 2e-4):g}; batch {c['batch_size']}, seed "
-             f"{c['seed']}; {c['samples']} samples, Euler {c['sample_steps']} steps, {guidance}"
-             + (f"; tokenizers from {c['stage1_from']}." if c.get("stage1_from") else "."), "",
-             "| tokenizer | PSNR | SSIM | FD-teacher (recon) |", "|---|---|---|---|"]
+    lines = [
+        f"Digits 32x32, self-trained ViT teacher; stage 1: {c['stage1_steps']} steps at lr "
+        f"{c.get('stage1_lr', 2e-4):g}, {'with' if c.get('gan') else 'without'} the adversarial term; diffusion: "
+        f"{c['diffusion_steps']} steps at lr {c.get('diffusion_lr', 2e-4):g}; batch {c['batch_size']}, seed "
+        f"{c['seed']}; {c['samples']} samples, Euler {c['sample_steps']} steps, {guidance}"
+        + (f"; tokenizers from {c['stage1_from']}." if c.get("stage1_from") else "."),
+        "",
+        "| tokenizer | PSNR | SSIM | FD-teacher (recon) |",
+        "|---|---|---|---|",
+    ]
     for name, r in results["tokenizers"].items():
-        lines.append(f"| {name} | {r.get('recon/psnr', float('nan')):.2f} | {r.get('recon/ssim', float('nan')):.3f} | "
-                     f"{r.get('recon/fd_teacher', float('nan')):.3f} |")
+        lines.append(
+            f"| {name} | {r.get('recon/psnr', float('nan')):.2f} | {r.get('recon/ssim', float('nan')):.3f} | "
+            f"{r.get('recon/fd_teacher', float('nan')):.3f} |"
+        )
     ref = results["reference"]
-    lines += ["", f"Reference: FD-teacher of held-out vs training images {ref['fd_teacher_heldout_vs_train']:.3f}; "
-                  f"classifier accuracy on held-out images {ref['classifier_heldout_accuracy']:.3f}.", "",
-              "| model | params (M) | FD-teacher | precision | recall | cond. accuracy |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Reference: FD-teacher of held-out vs training images {ref['fd_teacher_heldout_vs_train']:.3f}; "
+        f"classifier accuracy on held-out images {ref['classifier_heldout_accuracy']:.3f}.",
+        "",
+        "| model | params (M) | FD-teacher | precision | recall | cond. accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["generation"].items():
-        lines.append(f"| {name} | {r['params_M']:.2f} | {r['fd_teacher']:.3f} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['cond_accuracy']:.3f} |")
+        lines.append(
+            f"| {name} | {r['params_M']:.2f} | {r['fd_teacher']:.3f} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['cond_accuracy']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

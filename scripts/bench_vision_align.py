@@ -45,10 +45,16 @@ def train_curves(args: argparse.Namespace) -> dict:
         for seed in range(args.seeds):
             out_dir = Path(args.out) / f"{recipe}_seed{seed}"
             overrides = [
-                f"seed={seed}", f"out_dir={out_dir}", f"trainer.max_steps={args.steps}",
-                f"trainer.eval_every={args.eval_every}", f"trainer.batch_size={args.batch_size}",
-                "trainer.progress=false", "trainer.tensorboard=false", "trainer.resume=none",
-                f"trainer.ckpt_every={args.steps}", f"task.eval_samples={args.eval_samples}",
+                f"seed={seed}",
+                f"out_dir={out_dir}",
+                f"trainer.max_steps={args.steps}",
+                f"trainer.eval_every={args.eval_every}",
+                f"trainer.batch_size={args.batch_size}",
+                "trainer.progress=false",
+                "trainer.tensorboard=false",
+                "trainer.resume=none",
+                f"trainer.ckpt_every={args.steps}",
+                f"task.eval_samples={args.eval_samples}",
                 f"task.sample_steps={args.sample_steps}",
             ]
             if args.ema_decay:
@@ -64,8 +70,11 @@ def train_curves(args: argparse.Namespace) -> dict:
                 evals.append({k: m[k] for k in ("step", "fd_teacher", "cond_accuracy", "precision", "recall")})
             runs.setdefault(recipe, []).append({"seed": seed, "wall_seconds": round(wall, 1), "evals": evals})
             last = evals[-1]
-            print(f"[bench] {recipe} seed {seed}: {wall:.0f}s, FD-teacher {last['fd_teacher']:.3f}, "
-                  f"cond. accuracy {last['cond_accuracy']:.3f}", flush=True)
+            print(
+                f"[bench] {recipe} seed {seed}: {wall:.0f}s, FD-teacher {last['fd_teacher']:.3f}, "
+                f"cond. accuracy {last['cond_accuracy']:.3f}",
+                flush=True,
+            )
     return runs
 
 
@@ -97,7 +106,7 @@ def time_steps(args: argparse.Namespace) -> dict:
     batches = [b for _, b in zip(range(args.time_batches), loader, strict=False)]
     result = {}
     for recipe in args.recipes:
-        for cache in ([False] if recipe == "sit" else [True, False]):
+        for cache in [False] if recipe == "sit" else [True, False]:
             task = instantiate(_compose(recipe, [f"+task.teacher_cache={str(cache).lower()}"]).task, _convert_="object")
             opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
             for b in batches:  # warm-up pass: fills the cache (when on) and the allocator
@@ -122,15 +131,21 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "fd_teacher", "FD-teacher (lower is better)"),
-                           (axes[1], "cond_accuracy", "conditional accuracy (higher is better)")):
+    for ax, key, label in (
+        (axes[0], "fd_teacher", "FD-teacher (lower is better)"),
+        (axes[1], "cond_accuracy", "conditional accuracy (higher is better)"),
+    ):
         for recipe, rows in summary.items():
             steps = [r["step"] for r in rows]
             mean = [r[key] for r in rows]
             std = [r[key + "_std"] for r in rows]
             ax.plot(steps, mean, marker="o", label=recipe)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                            [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2)
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+                alpha=0.2,
+            )
         ax.set_xlabel("training step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
@@ -150,8 +165,12 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--haste-stop", type=int, default=0, help="HASTE's stop step (default: a third of --steps)")
-    ap.add_argument("--ema-decay", type=float, default=0.0,
-                    help="EMA decay of the evaluated weights (default: the recipe's; use ~1 - 5/steps for short runs)")
+    ap.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="EMA decay of the evaluated weights (default: the recipe's; use ~1 - 5/steps for short runs)",
+    )
     ap.add_argument("--time-batches", type=int, default=5, help="batches per timing run (0: no timing)")
     ap.add_argument("--time-reps", type=int, default=2)
     ap.add_argument("--skip-training", action="store_true", help="only the per-step timing")
@@ -177,9 +196,11 @@ def main() -> None:
     print(f"[bench] wrote {out / 'results.json'}{extra}")
     for recipe, rows in report.get("summary", {}).items():
         last = rows[-1]
-        print(f"[bench] {recipe:6s} step {last['step']}: FD-teacher {last['fd_teacher']:.3f} ± "
-              f"{last['fd_teacher_std']:.3f}, cond. accuracy {last['cond_accuracy']:.3f} ± "
-              f"{last['cond_accuracy_std']:.3f}")
+        print(
+            f"[bench] {recipe:6s} step {last['step']}: FD-teacher {last['fd_teacher']:.3f} ± "
+            f"{last['fd_teacher_std']:.3f}, cond. accuracy {last['cond_accuracy']:.3f} ± "
+            f"{last['cond_accuracy_std']:.3f}"
+        )
 
 
 if __name__ == "__main__":

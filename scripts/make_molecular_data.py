@@ -31,8 +31,16 @@ from molecular.quickstart import NARROW, broad_structures  # noqa: E402
 
 def narrow_set(name: str, frames: int, interval: int, seed: int, calculator: str) -> list[Structure]:
     start = structures_from_smiles([NARROW[name]], num_confs=1, seed=seed, names=[name])[0]
-    return langevin_md(start, frames, calculator=calculator, temperature=500.0, timestep_fs=0.5, interval=interval,
-                       seed=seed, prefix=name)
+    return langevin_md(
+        start,
+        frames,
+        calculator=calculator,
+        temperature=500.0,
+        timestep_fs=0.5,
+        interval=interval,
+        seed=seed,
+        prefix=name,
+    )
 
 
 def main() -> None:
@@ -61,8 +69,12 @@ def main() -> None:
         t1 = time.time()
         frames = narrow_set(name, a.frames, a.interval, a.seed, a.calculator)
         write_extxyz(frames, out / f"md_{name}.extxyz")
-        manifest["sets"][name] = {"file": f"md_{name}.extxyz", "structures": len(frames), "smiles": NARROW[name],
-                                  "md": {"temperature_K": 500, "timestep_fs": 0.5, "interval": a.interval}}
+        manifest["sets"][name] = {
+            "file": f"md_{name}.extxyz",
+            "structures": len(frames),
+            "smiles": NARROW[name],
+            "md": {"temperature_K": 500, "timestep_fs": 0.5, "interval": a.interval},
+        }
         print(f"{name}: {len(frames)} MD frames ({time.time() - t1:.0f} s)", flush=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"wrote {out} in {time.time() - t0:.0f} s")

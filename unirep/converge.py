@@ -131,7 +131,11 @@ class ModelFeatures:
                     f"(choose names from this list or indices in [-{len(self.layers)}, {len(self.layers) - 1}])"
                 )
         return ModelFeatures(
-            self.name, [self.layers[i] for i in keep], [self.tokens[i] for i in keep], self.batch, self.groups,
+            self.name,
+            [self.layers[i] for i in keep],
+            [self.tokens[i] for i in keep],
+            self.batch,
+            self.groups,
             self.quality,
         )
 
@@ -319,8 +323,10 @@ def _metric_fns(metrics: Sequence[dict[str, Any] | str]) -> list[tuple[str, Call
                 f"unknown metric {name!r}: use one of mutual_knn, cka, unbiased_cka, cknna, svcca (unirep.metrics)"
             )
         if label is None:
-            label = name + "".join(f"_{k}{v}" for k, v in sorted(spec.items()) if k != "kernel") + (
-                f"_{spec['kernel']}" if "kernel" in spec else ""
+            label = (
+                name
+                + "".join(f"_{k}{v}" for k, v in sorted(spec.items()) if k != "kernel")
+                + (f"_{spec['kernel']}" if "kernel" in spec else "")
             )
         out.append((label, _bind(fn, spec)))
     return out

@@ -131,9 +131,7 @@ class TokenSet:
         keep = new_batch >= 0
         order = torch.argsort(new_batch[keep], stable=True)
         idx = keep.nonzero().squeeze(1)[order]
-        return TokenSet(
-            self.x[idx], new_batch[idx], None if self.pos is None else self.pos[idx], int(items.numel())
-        )
+        return TokenSet(self.x[idx], new_batch[idx], None if self.pos is None else self.pos[idx], int(items.numel()))
 
     def detach(self) -> TokenSet:
         return replace(self, x=self.x.detach(), pos=None if self.pos is None else self.pos.detach())

@@ -117,8 +117,13 @@ class DigitsDataset(_Flippable):
     num_classes = 10
 
     def __init__(
-        self, split: str = "train", resolution: int = 16, channels: int = 1, val_fraction: float = 0.1,
-        seed: int = 0, hflip: bool = False,
+        self,
+        split: str = "train",
+        resolution: int = 16,
+        channels: int = 1,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        hflip: bool = False,
     ):
         from sklearn.datasets import load_digits
 
@@ -158,8 +163,14 @@ class NaturalCrops(_Flippable):
     IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "camera", "moon")
 
     def __init__(
-        self, split: str = "train", resolution: int = 32, num_crops: int = 2048, val_fraction: float = 0.1,
-        seed: int = 0, hflip: bool = True, images: Sequence[str] | None = None,
+        self,
+        split: str = "train",
+        resolution: int = 32,
+        num_crops: int = 2048,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        hflip: bool = True,
+        images: Sequence[str] | None = None,
     ):
         import skimage.data
 
@@ -181,16 +192,20 @@ class NaturalCrops(_Flippable):
         n_val = int(round(per_image * val_fraction))
         for s, img in enumerate(sources):
             h, w = img.shape[1:]
-            keep = {"train": range(0, per_image - n_val), "val": range(per_image - n_val, per_image),
-                    "all": range(per_image)}[split]
+            keep = {
+                "train": range(0, per_image - n_val),
+                "val": range(per_image - n_val, per_image),
+                "all": range(per_image),
+            }[split]
             for j in range(per_image):
                 size = int(rng.integers(min(h, w) // 8, min(h, w) // 2 + 1))
                 top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
                 if j not in keep:
                     continue
                 patch = img[:, top : top + size, left : left + size].unsqueeze(0)
-                patch = F.interpolate(patch, size=(resolution, resolution), mode="bicubic", align_corners=False,
-                                      antialias=True)
+                patch = F.interpolate(
+                    patch, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True
+                )
                 crops.append(_to_range(patch[0].clamp(0, 1)))
                 ids.append(f"skimage/{names[s]}/{j}")
         self.images = torch.stack(crops)
@@ -244,8 +259,14 @@ class ImageFolder(_Flippable):
     """
 
     def __init__(
-        self, root: str | Path, resolution: int = 32, channels: int = 3, split: str = "all", val_fraction: float = 0.0,
-        seed: int = 0, hflip: bool = True,
+        self,
+        root: str | Path,
+        resolution: int = 32,
+        channels: int = 3,
+        split: str = "all",
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        hflip: bool = True,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -305,8 +326,13 @@ class LatentFolder(Dataset):
     as REPA stores ``images/`` and ``vae-sd/`` side by side.
     """
 
-    def __init__(self, root: str | Path, image_root: str | Path | None = None, image_resolution: int = 256,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        image_root: str | Path | None = None,
+        image_resolution: int = 256,
+        num_classes: int | None = None,
+    ):
         self.root = Path(root)
         meta = self.root / "dataset.json"
         if not meta.exists():
@@ -323,8 +349,11 @@ class LatentFolder(Dataset):
                 raise ValueError(f"{meta} lists no latents under 'labels'")
         self.files = [self.root / e[0] for e in entries]
         self.labels = [0 if e[1] is None else int(e[1]) for e in entries]
-        self.num_classes = (max(self.labels) + 1 if any(e[1] is not None for e in entries) else 0) \
-            if num_classes is None else num_classes
+        self.num_classes = (
+            (max(self.labels) + 1 if any(e[1] is not None for e in entries) else 0)
+            if num_classes is None
+            else num_classes
+        )
         pairs = zip(self.files, self.labels, strict=True)
         bad = [(f, y) for f, y in pairs if self.num_classes and not 0 <= y < self.num_classes]
         if bad:
@@ -365,8 +394,7 @@ def _datamodule(train: Dataset, val: Dataset | None, info: dict[str, Any]):
     return DataModule(train=train, val=val, info=info)
 
 
-def digits_data(resolution: int = 16, channels: int = 1, val_fraction: float = 0.1, seed: int = 0,
-                hflip: bool = False):
+def digits_data(resolution: int = 16, channels: int = 1, val_fraction: float = 0.1, seed: int = 0, hflip: bool = False):
     """Digits train/held-out DataModule; ``info`` carries num_classes, channels, resolution."""
     kw = dict(resolution=resolution, channels=channels, val_fraction=val_fraction, seed=seed)
     train = DigitsDataset("train", hflip=hflip, **kw)
@@ -374,26 +402,39 @@ def digits_data(resolution: int = 16, channels: int = 1, val_fraction: float = 0
     return _datamodule(train, val, dict(num_classes=10, channels=channels, resolution=resolution, name="digits"))
 
 
-def natural_crops_data(resolution: int = 32, num_crops: int = 2048, val_fraction: float = 0.1, seed: int = 0,
-                       hflip: bool = True):
+def natural_crops_data(
+    resolution: int = 32, num_crops: int = 2048, val_fraction: float = 0.1, seed: int = 0, hflip: bool = True
+):
     kw = dict(resolution=resolution, num_crops=num_crops, val_fraction=val_fraction, seed=seed)
     train = NaturalCrops("train", hflip=hflip, **kw)
     val = NaturalCrops("val", hflip=False, **kw)
     return _datamodule(train, val, dict(num_classes=0, channels=3, resolution=resolution, name="skimage"))
 
 
-def image_folder_data(root: str, resolution: int = 32, channels: int = 3, val_fraction: float = 0.0, seed: int = 0,
-                      hflip: bool = True):
+def image_folder_data(
+    root: str, resolution: int = 32, channels: int = 3, val_fraction: float = 0.0, seed: int = 0, hflip: bool = True
+):
     split = "train" if val_fraction > 0 else "all"
     train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip)
     val = ImageFolder(root, resolution, channels, "val", val_fraction, seed, False) if val_fraction > 0 else None
-    return _datamodule(train, val, dict(num_classes=train.num_classes, channels=channels, resolution=resolution,
-                                        name=str(root)))
+    return _datamodule(
+        train, val, dict(num_classes=train.num_classes, channels=channels, resolution=resolution, name=str(root))
+    )
 
 
-def latent_folder_data(root: str, image_root: str | None = None, image_resolution: int = 256,
-                       num_classes: int | None = None):
+def latent_folder_data(
+    root: str, image_root: str | None = None, image_resolution: int = 256, num_classes: int | None = None
+):
     train = LatentFolder(root, image_root, image_resolution, num_classes)
     x = train[0]["x"]
-    return _datamodule(train, None, dict(num_classes=train.num_classes, channels=int(x.shape[0]),
-                                         resolution=int(x.shape[-1]), name=str(root), latent=True))
+    return _datamodule(
+        train,
+        None,
+        dict(
+            num_classes=train.num_classes,
+            channels=int(x.shape[0]),
+            resolution=int(x.shape[-1]),
+            name=str(root),
+            latent=True,
+        ),
+    )

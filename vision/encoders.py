@@ -102,8 +102,9 @@ def _weights_help(short: str, timm_name: str, path: str | None) -> str:
     except Exception:
         pass
     url = f"https://huggingface.co/{hub}/resolve/main/model.safetensors" if hub else "the model's release page"
-    where = (f"the file {path} does not exist" if path
-             else "no pretrained_path was given and the Hugging Face cache is cold")
+    where = (
+        f"the file {path} does not exist" if path else "no pretrained_path was given and the Hugging Face cache is cold"
+    )
     return (
         f"no weights for teacher {short!r} (timm {timm_name!r}): {where}. Download {url} on a machine with network, "
         f"put it e.g. at data/weights/{timm_name}.safetensors and pass pretrained_path=data/weights/"

@@ -105,16 +105,21 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if vgg_weights is not None:
             sd = self._load(vgg_weights)
-            feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+            feats = {k[len("features.") :]: v for k, v in sd.items() if k.startswith("features.")}
             feats = {k: v for k, v in feats.items() if int(k.split(".")[0]) <= _LPIPS_TAPS[-1]}
             self.features.load_state_dict(feats, strict=True)
         if lpips_weights is not None:
             sd = self._load(lpips_weights)
-            lins = {f"{k}.weight": sd[f"lin{k}.model.1.weight"] for k in range(len(_LPIPS_CHANNELS))
-                    if f"lin{k}.model.1.weight" in sd}
+            lins = {
+                f"{k}.weight": sd[f"lin{k}.model.1.weight"]
+                for k in range(len(_LPIPS_CHANNELS))
+                if f"lin{k}.model.1.weight" in sd
+            }
             if len(lins) != len(_LPIPS_CHANNELS):
-                raise ValueError(f"{lpips_weights} is not an LPIPS VGG weights file: expected keys lin0..lin4"
-                                 f".model.1.weight, found {sorted(sd)[:8]}")
+                raise ValueError(
+                    f"{lpips_weights} is not an LPIPS VGG weights file: expected keys lin0..lin4"
+                    f".model.1.weight, found {sorted(sd)[:8]}"
+                )
             self.lins.load_state_dict(lins, strict=True)
         self.requires_grad_(False)
         self.eval()
@@ -158,8 +163,11 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False), nn.BatchNorm2d(ndf * mult),
-                       nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2),
+            ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():  # taming's weights_init: N(0, 0.02) convs, N(1, 0.02) norms

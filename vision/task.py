@@ -311,9 +311,17 @@ class VisionFlowTask(Task):
 
     @torch.no_grad()
     def generate(
-        self, num: int, seed: int = 0, labels: Tensor | None = None, sampler: str | None = None,
-        steps: int | None = None, cfg_scale: float | None = None, guidance_interval: Sequence[float] | None = None,
-        guide_channels: int | None = None, shift: float | None = None, batch_size: int | None = None,
+        self,
+        num: int,
+        seed: int = 0,
+        labels: Tensor | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        guidance_interval: Sequence[float] | None = None,
+        guide_channels: int | None = None,
+        shift: float | None = None,
+        batch_size: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw ``num`` samples (decoded to images when a tokenizer is set) and their labels; deterministic in seed.
 
@@ -360,6 +368,7 @@ class VisionFlowTask(Task):
 
                 if self.num_classes > 0:
                     if channels is not None:  # DiT's kept bug: guide only the first k channels of the image
+
                         def fn_img(xd, t, yy):
                             return model_fn(xd.flatten(1), t, yy).reshape(-1, *shape)
 
@@ -370,6 +379,7 @@ class VisionFlowTask(Task):
                     else:
                         vel = cfg_batched(model_fn, y, self.num_classes, scale, interval)
                 else:
+
                     def vel(state, t, yy=y):
                         return model_fn(state, t, yy)
 
@@ -447,9 +457,15 @@ class VisionFlowTask(Task):
         metrics["eval_seconds"] = round(time.time() - start, 2)
         eval_dir = out_dir / "eval"
         save_grid(fake[:100], eval_dir / f"samples_step_{step:08d}.png", nrow=10)
-        record = dict(metrics, step=step, num_samples=len(fake), sampler=self.sampler, steps=self.sample_steps,
-                      cfg_scale=self.cfg_scale,
-                      fid="unavailable: Inception FID needs torch-fidelity and a local Inception weights file; "
-                          "FD-teacher is the offline substitute")
+        record = dict(
+            metrics,
+            step=step,
+            num_samples=len(fake),
+            sampler=self.sampler,
+            steps=self.sample_steps,
+            cfg_scale=self.cfg_scale,
+            fid="unavailable: Inception FID needs torch-fidelity and a local Inception weights file; "
+            "FD-teacher is the offline substitute",
+        )
         (eval_dir / f"metrics_step_{step:08d}.json").write_text(json.dumps(record, indent=2))
         return metrics

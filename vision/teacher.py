@@ -131,8 +131,14 @@ def _mae_forward(model: nn.Module, decoder: MAEDecoder, inp: Tensor, mask_ratio:
 
 
 def train_digits_teacher(
-    path: str | os.PathLike = DEFAULT_TEACHER_PATH, steps: int = 1500, batch_size: int = 128, lr: float = 1.5e-3,
-    mask_ratio: float = 0.75, seed: int = 0, log_every: int = 250, probe: bool = True,
+    path: str | os.PathLike = DEFAULT_TEACHER_PATH,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 1.5e-3,
+    mask_ratio: float = 0.75,
+    seed: int = 0,
+    log_every: int = 250,
+    probe: bool = True,
 ) -> dict:
     """Train the digits ViT as a masked autoencoder and save it (safetensors + ``.json`` sidecar).
 
@@ -179,9 +185,20 @@ def train_digits_teacher(
     # probe the saved file through the same loading path every user of the teacher takes
     loaded = TimmViTEncoder(TEACHER_NAME, img_size=TEACHER_RES, pretrained_path=str(path))
     acc = linear_probe(loaded, train.images, train.labels, val.images, val.labels) if probe else None
-    info = dict(name=TEACHER_NAME, objective="mae", mask_ratio=mask_ratio, steps=steps, batch_size=batch_size, lr=lr,
-                seed=seed, resolution=TEACHER_RES, train_seconds=round(wall, 1), linear_probe_val_acc=acc,
-                linear_probe_val_acc_random_init=random_probe, val_items=len(val.labels))
+    info = dict(
+        name=TEACHER_NAME,
+        objective="mae",
+        mask_ratio=mask_ratio,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        resolution=TEACHER_RES,
+        train_seconds=round(wall, 1),
+        linear_probe_val_acc=acc,
+        linear_probe_val_acc_random_init=random_probe,
+        val_items=len(val.labels),
+    )
     path.with_suffix(".json").write_text(json.dumps(info, indent=2))
     print(f"[teacher] saved {path}: linear probe {acc} (random init {random_probe}), {wall:.0f}s", flush=True)
     return info
@@ -191,15 +208,20 @@ def ensure_digits_teacher(path: str | os.PathLike | None = None, steps: int = 15
     """Return the teacher weights file, training it first (a few minutes on CPU) when it is missing."""
     path = Path(path) if path is not None else DEFAULT_TEACHER_PATH
     if not path.is_file():
-        print(f"[teacher] {path} is missing: training the digits teacher ({steps} MAE steps, a few CPU minutes)",
-              flush=True)
+        print(
+            f"[teacher] {path} is missing: training the digits teacher ({steps} MAE steps, a few CPU minutes)",
+            flush=True,
+        )
         train_digits_teacher(path, steps=steps, seed=seed)
     return path
 
 
 def digits_teacher(
-    grid_size: int | None = None, pretrained_path: str | None = None, train_if_missing: bool = True,
-    allow_random_init: bool = False, steps: int = 1500,
+    grid_size: int | None = None,
+    pretrained_path: str | None = None,
+    train_if_missing: bool = True,
+    allow_random_init: bool = False,
+    steps: int = 1500,
 ) -> TimmViTEncoder:
     """The self-trained digits ViT as a frozen teacher (hydra target of the quick-start configs).
 

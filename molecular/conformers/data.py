@@ -51,12 +51,56 @@ _BOND_INDEX = {
 
 # QM9-size molecules (at most 9 heavy atoms, H C N O F) with rotatable bonds and rings: the quick start's set.
 QUICKSTART_SMILES: tuple[str, ...] = (
-    "CCO", "CCCO", "CC(C)O", "CCOC", "CCCN", "OCCO", "CC(=O)OC", "CCC(=O)N", "CCOCC", "NCCO",
-    "CCCC", "CCCCO", "CC(C)CO", "COCCO", "CCNCC", "CC(O)CO", "OCC(O)CO", "CCC(C)O", "CC(C)OC", "NCC(=O)O",
-    "CC(N)C(=O)O", "COC(=O)CN", "CCOC(=O)C", "CC(=O)NCC", "OCCCO", "NCCCN", "CCCCC", "CCCOC", "COCCOC", "CCC(=O)OC",
-    "C1CCOC1", "C1CCNC1", "CC1CCCO1", "OC1CCCC1", "c1ccoc1", "Cc1ccco1", "c1ccncc1", "Cc1ccncc1", "OCc1ccco1",
-    "CC(=O)c1ccco1", "FCCO", "FC(F)CO", "CC(F)CO", "N#CCCO", "CC#CCO", "C=CCOC", "C=CCCO", "OCC#N",
+    "CCO",
+    "CCCO",
+    "CC(C)O",
+    "CCOC",
+    "CCCN",
+    "OCCO",
+    "CC(=O)OC",
+    "CCC(=O)N",
+    "CCOCC",
+    "NCCO",
+    "CCCC",
+    "CCCCO",
+    "CC(C)CO",
+    "COCCO",
+    "CCNCC",
+    "CC(O)CO",
+    "OCC(O)CO",
+    "CCC(C)O",
+    "CC(C)OC",
+    "NCC(=O)O",
+    "CC(N)C(=O)O",
+    "COC(=O)CN",
+    "CCOC(=O)C",
+    "CC(=O)NCC",
+    "OCCCO",
+    "NCCCN",
+    "CCCCC",
+    "CCCOC",
+    "COCCOC",
+    "CCC(=O)OC",
+    "C1CCOC1",
+    "C1CCNC1",
+    "CC1CCCO1",
+    "OC1CCCC1",
+    "c1ccoc1",
+    "Cc1ccco1",
+    "c1ccncc1",
+    "Cc1ccncc1",
+    "OCc1ccco1",
+    "CC(=O)c1ccco1",
+    "FCCO",
+    "FC(F)CO",
+    "CC(F)CO",
+    "N#CCCO",
+    "CC#CCO",
+    "C=CCOC",
+    "C=CCCO",
+    "OCC#N",
 )
+
 
 @dataclass
 class MoleculeRecord:
@@ -159,8 +203,9 @@ class MolBatch:
         graphs = []
         for g in range(self.num_graphs):
             m = (self.batch == g).cpu()
-            s = Structure(numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(),
-                          id=self.ids[g] if self.ids else "")
+            s = Structure(
+                numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(), id=self.ids[g] if self.ids else ""
+            )
             graphs.append(AtomicGraph.from_structure(s, r_max))
         return collate_graphs(graphs).to(self.pos.device)
 
@@ -300,6 +345,9 @@ def conformer_datamodule(
     kw = dict(num_confs=num_confs, max_confs=max_confs, relax=relax, prune_rmsd=prune_rmsd, seed=seed)
     train_ds = ConformerDataset.from_smiles(train, **kw)
     val_ds = ConformerDataset.from_smiles(val, **kw) if val else None
-    info = {"elements": list(SUPPORTED_ELEMENTS), "num_atom_features": NUM_ATOM_FEATURES,
-            "num_bond_types": NUM_BOND_TYPES}
+    info = {
+        "elements": list(SUPPORTED_ELEMENTS),
+        "num_atom_features": NUM_ATOM_FEATURES,
+        "num_bond_types": NUM_BOND_TYPES,
+    }
     return DataModule(train_ds, val_ds, collate_fn=collate_molecules, info=info)

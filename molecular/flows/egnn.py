@@ -134,8 +134,9 @@ class EquivariantVelocityNet(nn.Module):
         self.edge_embed = nn.Embedding(num_bond_types, 16)
         self.layers = nn.ModuleList(EGNNLayer(hidden, 16, True, coord_range) for _ in range(num_layers))
         if latent_dim:
-            self.latent_head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
-                                             nn.Linear(hidden, latent_dim))
+            self.latent_head = nn.Sequential(
+                nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, latent_dim)
+            )
 
     @property
     def dim(self) -> int:
@@ -178,19 +179,22 @@ class EquivariantVelocityNet(nn.Module):
         return v if v_z is None else (v, v_z)
 
 
-def egnn_tiny(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
-              latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_tiny(
+    num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES, latent_dim: int = 0
+) -> EquivariantVelocityNet:
     """Preset for smoke tests: 2 layers of width 32."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 32, 2, 16, latent_dim)
 
 
-def egnn_small(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
-               latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_small(
+    num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES, latent_dim: int = 0
+) -> EquivariantVelocityNet:
     """Preset for CPU runs: 4 layers of width 96."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 96, 4, 32, latent_dim)
 
 
-def egnn_base(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES,
-              latent_dim: int = 0) -> EquivariantVelocityNet:
+def egnn_base(
+    num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES, latent_dim: int = 0
+) -> EquivariantVelocityNet:
     """Preset for GPU runs: 8 layers of width 256."""
     return EquivariantVelocityNet(num_atom_features, num_bond_types, 256, 8, 64, latent_dim)

@@ -26,8 +26,9 @@ from .task import ConformerFlowTask
 __all__ = ["LatentFlowTask", "load_tokenizer"]
 
 
-def load_tokenizer(checkpoint: str | None, ema: bool = True, random_init: bool = False,
-                   latent_dim: int = 8) -> LocalAtomicAutoencoder:
+def load_tokenizer(
+    checkpoint: str | None, ema: bool = True, random_init: bool = False, latent_dim: int = 8
+) -> LocalAtomicAutoencoder:
     """The autoencoder of a ``molecular/local_ae`` run (``unirep.train.load_task``; nothing is unpickled).
 
     ``random_init=True`` (smoke runs only) returns an untrained ``local_ae_tiny`` with ``latent_dim`` channels instead.
@@ -46,8 +47,10 @@ def load_tokenizer(checkpoint: str | None, ema: bool = True, random_init: bool =
     task, _ = load_task(checkpoint, ema=ema)
     model = task.model
     if not isinstance(model, LocalAtomicAutoencoder):
-        raise ValueError(f"checkpoint {checkpoint!r} holds a {type(model).__name__}, not a LocalAtomicAutoencoder: "
-                         "give the checkpoint of a molecular/local_ae run")
+        raise ValueError(
+            f"checkpoint {checkpoint!r} holds a {type(model).__name__}, not a LocalAtomicAutoencoder: "
+            "give the checkpoint of a molecular/local_ae run"
+        )
     return model
 
 
@@ -61,21 +64,25 @@ class LatentFlowTask(ConformerFlowTask):
         other arguments: as :class:`ConformerFlowTask`.
     """
 
-    def __init__(self, model: EquivariantVelocityNet, tokenizer: LocalAtomicAutoencoder, latent_weight: float = 1.0,
-                 **kwargs):
+    def __init__(
+        self, model: EquivariantVelocityNet, tokenizer: LocalAtomicAutoencoder, latent_weight: float = 1.0, **kwargs
+    ):
         if kwargs.get("teacher") is not None:
             raise ValueError("LatentFlowTask does not take a teacher: use molecular/conformer_repa for alignment")
         super().__init__(model, **kwargs)
         if tokenizer.latent_dim != model.latent_dim:
-            raise ValueError(f"velocity network latent_dim={model.latent_dim} but the autoencoder's latent has "
-                             f"{tokenizer.latent_dim} channels: set task.model.latent_dim={tokenizer.latent_dim}")
+            raise ValueError(
+                f"velocity network latent_dim={model.latent_dim} but the autoencoder's latent has "
+                f"{tokenizer.latent_dim} channels: set task.model.latent_dim={tokenizer.latent_dim}"
+            )
         tokenizer.requires_grad_(False)
         tokenizer.eval()
         self.tokenizer = tokenizer
         self.latent_weight = latent_weight
         # whether the tokenizer's latent statistics are set (fitted here on the first batch when they are not)
-        self.register_buffer("stats_ready", torch.tensor(bool((tokenizer.latent_std != 1).any()
-                                                             or (tokenizer.latent_mean != 0).any())))
+        self.register_buffer(
+            "stats_ready", torch.tensor(bool((tokenizer.latent_std != 1).any() or (tokenizer.latent_mean != 0).any()))
+        )
 
     def train(self, mode: bool = True) -> LatentFlowTask:
         super().train(mode)
@@ -100,12 +107,16 @@ class LatentFlowTask(ConformerFlowTask):
         if self.time_shift != 1.0:
             t = shift_time(t, self.time_shift)
         t_atom = t[bidx]
-        v, v_z, _ = self.model.forward_intermediates(batch, interpolate(x, eps, t_atom), t_atom,
-                                                     interpolate(z, eps_z, t_atom))
+        v, v_z, _ = self.model.forward_intermediates(
+            batch, interpolate(x, eps, t_atom), t_atom, interpolate(z, eps_z, t_atom)
+        )
         loss_x = flow_matching_loss(v, x, eps)
         loss_z = flow_matching_loss(v_z, z, eps_z)
-        return {"loss": loss_x + self.latent_weight * loss_z, "loss/flow": loss_x.detach(),
-                "loss/latent": loss_z.detach()}
+        return {
+            "loss": loss_x + self.latent_weight * loss_z,
+            "loss/flow": loss_x.detach(),
+            "loss/latent": loss_z.detach(),
+        }
 
     # joint state [T, 3 + L]: coordinates then latents
     def _initial_state(self, batch, generator: torch.Generator) -> Tensor:
@@ -122,4 +133,3 @@ class LatentFlowTask(ConformerFlowTask):
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.tokenizer.latent_dim}, latent_weight={self.latent_weight}"
-

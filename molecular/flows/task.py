@@ -202,8 +202,9 @@ class ConformerFlowTask(Task):
             teacher.requires_grad_(False)
             teacher.eval()
             schedule = StopAtStep(align_weight, align_stop_step) if align_stop_step is not None else None
-            projector = ProjectorMLP(model.dim, int(teacher.dim), hidden_dim=projector_hidden,
-                                     num_layers=projector_layers)
+            projector = ProjectorMLP(
+                model.dim, int(teacher.dim), hidden_dim=projector_hidden, num_layers=projector_layers
+            )
             self.aligner = Aligner(projector, loss=align_loss, weight=align_weight, schedule=schedule)
         self.align_layer = align_layer
         self.teacher_r_max = teacher_r_max
@@ -234,8 +235,9 @@ class ConformerFlowTask(Task):
             student = TokenSet(feats[self.align_layer], bidx, None, n_graphs)
             a = self.aligner(student, target, step)
             loss = loss + a["loss"]
-            out.update({"loss/align": a["raw"].detach(), "align/cos": a["cos"],
-                        "align/weight": torch.tensor(a["weight"])})
+            out.update(
+                {"loss/align": a["raw"].detach(), "align/cos": a["cos"], "align/weight": torch.tensor(a["weight"])}
+            )
         out["loss"] = loss
         return out
 
@@ -293,8 +295,12 @@ class ConformerFlowTask(Task):
         agg, rows = evaluate_conformers(records, generated, self.delta, self.eval_energies)
         folder = Path(out_dir) / "eval" / f"step_{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        mols = [with_coordinates(rec.mol, p) for rec, pos in zip(records, generated, strict=True) for p in pos
-                if np.isfinite(p).all()]
+        mols = [
+            with_coordinates(rec.mol, p)
+            for rec, pos in zip(records, generated, strict=True)
+            for p in pos
+            if np.isfinite(p).all()
+        ]
         write_sdf(mols, folder / "generated.sdf")
         (folder / "per_molecule.json").write_text(json.dumps(rows, indent=1))
         metrics = {f"conf/{k}": v for k, v in agg.items()}

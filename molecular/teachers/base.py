@@ -46,9 +46,14 @@ def batch_to_atoms(batch: GraphBatch) -> list:
     out = []
     for i in range(batch.num_graphs):
         a, b = int(batch.ptr[i]), int(batch.ptr[i + 1])
-        out.append(Atoms(numbers=batch.numbers[a:b].cpu().numpy(),
-                         positions=batch.positions[a:b].detach().cpu().double().numpy(),
-                         cell=batch.cell[i].cpu().double().numpy(), pbc=batch.pbc[i].cpu().numpy()))
+        out.append(
+            Atoms(
+                numbers=batch.numbers[a:b].cpu().numpy(),
+                positions=batch.positions[a:b].detach().cpu().double().numpy(),
+                cell=batch.cell[i].cpu().double().numpy(),
+                pbc=batch.pbc[i].cpu().numpy(),
+            )
+        )
     return out
 
 
@@ -142,10 +147,17 @@ class HookEncoder(AtomisticEncoder):
         center / dtype: see :class:`AtomisticEncoder`.
     """
 
-    def __init__(self, model: nn.Module, layer: str, dim: int,
-                 prepare: Callable[[GraphBatch], tuple[tuple, dict]],
-                 select: Callable[[Any], Tensor] | None = None, per_structure: bool = False, center: bool = False,
-                 dtype: str | torch.dtype = "float32") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        dim: int,
+        prepare: Callable[[GraphBatch], tuple[tuple, dict]],
+        select: Callable[[Any], Tensor] | None = None,
+        per_structure: bool = False,
+        center: bool = False,
+        dtype: str | torch.dtype = "float32",
+    ) -> None:
         super().__init__(dim, center=center, dtype=dtype)
         modules = dict(model.named_modules())
         if layer not in modules:
@@ -183,8 +195,15 @@ class AtomsFunctionEncoder(AtomisticEncoder):
     ``module`` (optional) is registered so its weights identify the teacher in the feature cache.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], dim: int, module: nn.Module | None = None, center: bool = False,
-                 dtype: str | torch.dtype = "float32", name: str = "") -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        dim: int,
+        module: nn.Module | None = None,
+        center: bool = False,
+        dtype: str | torch.dtype = "float32",
+        name: str = "",
+    ) -> None:
         super().__init__(dim, center=center, dtype=dtype)
         self.fn = fn
         self.module = module

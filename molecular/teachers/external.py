@@ -85,8 +85,10 @@ def _boxed(atoms, gap: float):
 
 
 def _missing(package: str, pip: str) -> ImportError:
-    return ImportError(f"{package} is not installed: `.venv/bin/pip install -c constraints.txt {pip}` (or the "
-                       f"[teachers] extra) to use this encoder")
+    return ImportError(
+        f"{package} is not installed: `.venv/bin/pip install -c constraints.txt {pip}` (or the "
+        f"[teachers] extra) to use this encoder"
+    )
 
 
 @contextlib.contextmanager
@@ -223,8 +225,10 @@ class CHGNetEncoder(_Frozen):
         atoms = as_atoms_list(sample)
         structures = [AseAtomsAdaptor.get_structure(_boxed(a, self.gap)) for a in atoms]
         outs: list[Tensor] = []
-        hooks = [layer.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for layer in
-                 self.model.atom_conv_layers]
+        hooks = [
+            layer.register_forward_hook(lambda m, i, o: outs.append(o.detach()))
+            for layer in self.model.atom_conv_layers
+        ]
         try:
             # CHGNet computes forces by autograd inside predict_structure, so grad mode stays on here
             with torch.enable_grad():
@@ -234,8 +238,10 @@ class CHGNetEncoder(_Frozen):
                 h.remove()
         counts = [len(a) for a in atoms]
         if len(outs) != len(self.layer_names) or outs[0].shape[0] != sum(counts):
-            raise RuntimeError(f"CHGNet hooks captured {len(outs)} layers of {outs[0].shape[0] if outs else 0} atoms; "
-                               f"expected {len(self.layer_names)} layers of {sum(counts)} atoms")
+            raise RuntimeError(
+                f"CHGNet hooks captured {len(outs)} layers of {outs[0].shape[0] if outs else 0} atoms; "
+                f"expected {len(self.layer_names)} layers of {sum(counts)} atoms"
+            )
         return [_token_sets(o, counts) for o in outs]
 
 

@@ -43,8 +43,9 @@ class MACEEncoder(AtomisticEncoder):
         center: subtract per-element means (see :class:`AtomisticEncoder`).
     """
 
-    def __init__(self, model: MACEModel, layers: Sequence[int] = (-1,), invariant: bool = True,
-                 center: bool = False) -> None:
+    def __init__(
+        self, model: MACEModel, layers: Sequence[int] = (-1,), invariant: bool = True, center: bool = False
+    ) -> None:
         layers = [int(i) % model.num_layers for i in layers]
         dim = sum(model.feature_dim(i, invariant) for i in layers)
         super().__init__(dim, center=center, dtype=model.dtype)
@@ -81,11 +82,13 @@ def _load_project_format(folder: Path, dtype: str | None) -> MACEModel:
         config["dtype"] = dtype
     model = MACEModel(**config)
     state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict({k: v.to(model.dtype) if v.is_floating_point() else v
-                                                 for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match model.json (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]})")
+        raise ValueError(
+            f"{folder}: weights do not match model.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return model
 
 
@@ -142,9 +145,17 @@ def load_mace_model(path: str | os.PathLike, trust_pickle: bool = False, dtype: 
     return _load_pickled(path, dtype)
 
 
-def mace_teacher(path: str, layers: Sequence[int] = (-1,), invariant: bool = True, trust_pickle: bool = False,
-                 dtype: str | None = None, center: bool = False, cache_dir: str | None = None,
-                 random_init: bool = False, z_table: Sequence[int] = (1, 6, 7, 8, 9)) -> FrozenEncoder:
+def mace_teacher(
+    path: str,
+    layers: Sequence[int] = (-1,),
+    invariant: bool = True,
+    trust_pickle: bool = False,
+    dtype: str | None = None,
+    center: bool = False,
+    cache_dir: str | None = None,
+    random_init: bool = False,
+    z_table: Sequence[int] = (1, 6, 7, 8, 9),
+) -> FrozenEncoder:
     """A frozen MACE teacher from a local file, with the per-structure feature cache (hydra target).
 
     ``random_init=True`` ignores ``path`` and gives :func:`random_mace_teacher` over ``z_table`` (smoke runs).
@@ -155,13 +166,28 @@ def mace_teacher(path: str, layers: Sequence[int] = (-1,), invariant: bool = Tru
     return FrozenEncoder(MACEEncoder(model, layers=layers, invariant=invariant, center=center), cache_dir=cache_dir)
 
 
-def random_mace_teacher(z_table: Sequence[int], seed: int = 0, r_max: float = 4.0, num_channels: int = 8,
-                        max_L: int = 0, num_interactions: int = 1, layers: Sequence[int] = (-1,),
-                        cache_dir: str | None = None) -> FrozenEncoder:
+def random_mace_teacher(
+    z_table: Sequence[int],
+    seed: int = 0,
+    r_max: float = 4.0,
+    num_channels: int = 8,
+    max_L: int = 0,
+    num_interactions: int = 1,
+    layers: Sequence[int] = (-1,),
+    cache_dir: str | None = None,
+) -> FrozenEncoder:
     """A tiny randomly initialised MACE teacher (smoke runs and tests; it carries no knowledge)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = MACEModel(z_table, r_max=r_max, num_channels=num_channels, max_L=max_L,
-                          num_interactions=num_interactions, radial_mlp=(16,), mlp_irreps="8x0e", max_ell=2,
-                          correlation=2)
+        model = MACEModel(
+            z_table,
+            r_max=r_max,
+            num_channels=num_channels,
+            max_L=max_L,
+            num_interactions=num_interactions,
+            radial_mlp=(16,),
+            mlp_irreps="8x0e",
+            max_ell=2,
+            correlation=2,
+        )
     return FrozenEncoder(MACEEncoder(model, layers=layers), cache_dir=cache_dir)

@@ -74,12 +74,7 @@ def bessel_basis(r: Tensor, r_max: float, num: int) -> Tensor:
 def polynomial_cutoff(r: Tensor, r_max: float, p: int = 6) -> Tensor:
     """Envelope that is 1 at r = 0 and reaches 0 smoothly at ``r_max`` (DimeNet's and MACE's, p = 6)."""
     d = r / r_max
-    env = (
-        1.0
-        - (p + 1.0) * (p + 2.0) / 2.0 * d**p
-        + p * (p + 2.0) * d ** (p + 1)
-        - p * (p + 1.0) / 2.0 * d ** (p + 2)
-    )
+    env = 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * d**p + p * (p + 2.0) * d ** (p + 1) - p * (p + 1.0) / 2.0 * d ** (p + 2)
     return env * (d < 1.0)
 
 
@@ -115,7 +110,11 @@ class LocalEnvironmentEncoder(nn.Module):
         self.mix_p = nn.Parameter(torch.randn(3, channels, num_pseudo) / math.sqrt(channels))  # a, b, c of (a×b)·c
         n_inv = channels + 3 * num_invariant + num_pseudo
         self.head = nn.Sequential(
-            nn.LayerNorm(n_inv), nn.Linear(n_inv, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.LayerNorm(n_inv),
+            nn.Linear(n_inv, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
             nn.Linear(hidden, latent_dim),
         )
         self.latent_dim = latent_dim
@@ -164,8 +163,9 @@ class StructureDecoder(nn.Module):
     out in an arbitrary frame; losses superimpose them (Kabsch) or use distances.
     """
 
-    def __init__(self, latent_dim: int, num_types: int, width: int = 128, depth: int = 3, heads: int = 4,
-                 num_aux: int = 0):
+    def __init__(
+        self, latent_dim: int, num_types: int, width: int = 128, depth: int = 3, heads: int = 4, num_aux: int = 0
+    ):
         super().__init__()
         self.width = width
         self.inp = nn.Linear(latent_dim, width)
@@ -211,8 +211,7 @@ def kabsch_align(mobile: Tensor, target: Tensor, batch: Tensor, num_graphs: int)
         h = segment_sum(m0[:, :, None] * t0[:, None, :], batch, num_graphs)  # covariance [B, 3, 3]
         u, _, vt = torch.linalg.svd(h.double())
         d = torch.sign(torch.linalg.det(u @ vt))
-        diag = torch.ones(num_graphs, 3, dtype=h.dtype if h.dtype == torch.float64 else torch.float64,
-                          device=h.device)
+        diag = torch.ones(num_graphs, 3, dtype=h.dtype if h.dtype == torch.float64 else torch.float64, device=h.device)
         diag[:, 2] = d
         rot = (u @ torch.diag_embed(diag) @ vt).to(mobile.dtype)  # maps centred mobile rows onto target: m0 @ rot
     return torch.einsum("ti,tij->tj", m0, rot[batch]) + ct[batch]
@@ -263,17 +262,25 @@ class LocalAtomicAutoencoder(Tokenizer):
         return self.encoder.species_index(numbers)
 
 
-def local_ae_tiny(z_table: Sequence[int] = DEFAULT_Z_TABLE, latent_dim: int = 4, r_max: float = 6.0,
-                  num_aux: int = 0) -> LocalAtomicAutoencoder:
+def local_ae_tiny(
+    z_table: Sequence[int] = DEFAULT_Z_TABLE, latent_dim: int = 4, r_max: float = 6.0, num_aux: int = 0
+) -> LocalAtomicAutoencoder:
     """Preset for smoke tests (a few thousand parameters)."""
-    enc = LocalEnvironmentEncoder(z_table, r_max, channels=8, num_radial=6, num_invariant=8, num_pseudo=2, hidden=32,
-                                  latent_dim=latent_dim)
+    enc = LocalEnvironmentEncoder(
+        z_table, r_max, channels=8, num_radial=6, num_invariant=8, num_pseudo=2, hidden=32, latent_dim=latent_dim
+    )
     return LocalAtomicAutoencoder(enc, StructureDecoder(latent_dim, len(z_table), 32, 1, 2, num_aux))
 
 
-def local_ae_small(z_table: Sequence[int] = DEFAULT_Z_TABLE, latent_dim: int = 8, r_max: float = 6.0,
-                   num_aux: int = 0, latent_noise: float = 0.05) -> LocalAtomicAutoencoder:
+def local_ae_small(
+    z_table: Sequence[int] = DEFAULT_Z_TABLE,
+    latent_dim: int = 8,
+    r_max: float = 6.0,
+    num_aux: int = 0,
+    latent_noise: float = 0.05,
+) -> LocalAtomicAutoencoder:
     """Preset for CPU training on small molecules and peptides."""
-    enc = LocalEnvironmentEncoder(z_table, r_max, channels=24, num_radial=8, num_invariant=24, num_pseudo=8,
-                                  hidden=128, latent_dim=latent_dim)
+    enc = LocalEnvironmentEncoder(
+        z_table, r_max, channels=24, num_radial=8, num_invariant=24, num_pseudo=8, hidden=128, latent_dim=latent_dim
+    )
     return LocalAtomicAutoencoder(enc, StructureDecoder(latent_dim, len(z_table), 128, 4, 4, num_aux), latent_noise)

@@ -23,8 +23,9 @@ from .local_ae import LocalAtomicAutoencoder, kabsch_align
 __all__ = ["LocalAETask", "reconstruction_metrics"]
 
 
-def reconstruction_metrics(pred_pos: Tensor, true_pos: Tensor, type_logits: Tensor, types: Tensor, batch: Tensor,
-                           num_graphs: int) -> dict[str, Tensor]:
+def reconstruction_metrics(
+    pred_pos: Tensor, true_pos: Tensor, type_logits: Tensor, types: Tensor, batch: Tensor, num_graphs: int
+) -> dict[str, Tensor]:
     """Per-structure Kabsch RMSD (mean over structures, Å) and type accuracy (over atoms)."""
     aligned = kabsch_align(pred_pos, true_pos, batch, num_graphs)
     msd = segment_mean(((aligned - true_pos) ** 2).sum(-1, keepdim=True), batch, num_graphs).squeeze(1)
@@ -43,13 +44,26 @@ class LocalAETask(Task):
         eval_max_structures: cap on held-out structures in evaluation.
     """
 
-    def __init__(self, model: LocalAtomicAutoencoder, type_weight: float = 1.0, coord_weight: float = 1.0,
-                 dist_weight: float = 1.0, aux_weight: float = 0.0, teacher: nn.Module | None = None,
-                 teacher_r_max: float | None = 5.0, eval_max_structures: int = 200, batch_size: int = 16):
+    def __init__(
+        self,
+        model: LocalAtomicAutoencoder,
+        type_weight: float = 1.0,
+        coord_weight: float = 1.0,
+        dist_weight: float = 1.0,
+        aux_weight: float = 0.0,
+        teacher: nn.Module | None = None,
+        teacher_r_max: float | None = 5.0,
+        eval_max_structures: int = 200,
+        batch_size: int = 16,
+    ):
         super().__init__()
         self.model = model
         self.type_weight, self.coord_weight, self.dist_weight, self.aux_weight = (
-            type_weight, coord_weight, dist_weight, aux_weight)
+            type_weight,
+            coord_weight,
+            dist_weight,
+            aux_weight,
+        )
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)

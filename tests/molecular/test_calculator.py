@@ -17,9 +17,22 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "molecular_sample"
 @pytest.fixture(scope="module")
 def trained():
     # a tiny MACE fitted for a few seconds on the committed GFN2-xTB ethanol MD frames, in float64
-    return pretrain_mace(SAMPLE / "md_ethanol.extxyz", [1, 6, 8], steps=100, batch_size=8, seed=0, r_max=4.0,
-                         num_channels=8, max_L=1, num_interactions=2, max_ell=2, correlation=2, radial_mlp=(16,),
-                         mlp_irreps="8x0e", dtype="float64")
+    return pretrain_mace(
+        SAMPLE / "md_ethanol.extxyz",
+        [1, 6, 8],
+        steps=100,
+        batch_size=8,
+        seed=0,
+        r_max=4.0,
+        num_channels=8,
+        max_L=1,
+        num_interactions=2,
+        max_ell=2,
+        correlation=2,
+        radial_mlp=(16,),
+        mlp_irreps="8x0e",
+        dtype="float64",
+    )
 
 
 def _nve_deviation(model, dt_fs: float, duration_fs: float = 30.0) -> tuple[float, float]:
@@ -30,8 +43,9 @@ def _nve_deviation(model, dt_fs: float, duration_fs: float = 30.0) -> tuple[floa
     atoms = read_structures(SAMPLE / "md_ethanol.extxyz")[0].to_atoms()
     atoms.calc = MACECalculator(model)
     # thermalise briefly with Langevin (300 K), then switch the thermostat off
-    Langevin(atoms, 0.5 * units.fs, temperature_K=300, friction=0.05 / units.fs, rng=np.random.RandomState(0),
-             fixcm=False).run(20)
+    Langevin(
+        atoms, 0.5 * units.fs, temperature_K=300, friction=0.05 / units.fs, rng=np.random.RandomState(0), fixcm=False
+    ).run(20)
     dyn = VelocityVerlet(atoms, dt_fs * units.fs)
     etot, epot = [], []
     for _ in range(int(round(duration_fs / dt_fs))):

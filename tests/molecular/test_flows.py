@@ -150,8 +150,9 @@ def test_conformer_flow_trains_samples_zero_com_and_evaluates(data, tmp_path):
     from molecular.flows.task import ConformerFlowTask
 
     torch.manual_seed(0)
-    task = ConformerFlowTask(egnn_tiny(NUM_ATOM_FEATURES), prior=HarmonicPrior(), sample_steps=4,
-                             eval_max_molecules=2, sample_smiles=["CCO"])
+    task = ConformerFlowTask(
+        egnn_tiny(NUM_ATOM_FEATURES), prior=HarmonicPrior(), sample_steps=4, eval_max_molecules=2, sample_smiles=["CCO"]
+    )
     logs = _train_two_steps(task, data)
     assert all(np.isfinite(v) for log in logs for v in log.values()) and "loss/flow" in logs[0]
     out = task.generate(data.records[:2], [3, 2], seed=0)
@@ -238,8 +239,7 @@ def test_quickstart_recipe_trains_evaluates_and_samples(tmp_path):
 
     name = "conformer_quickstart"
     base = compose("train", [f"experiment=molecular/{name}"])
-    cfg = compose("train", [f"experiment=molecular/{name}", "trainer.max_steps=2", f"out_dir={tmp_path}",
-                            *base.smoke])
+    cfg = compose("train", [f"experiment=molecular/{name}", "trainer.max_steps=2", f"out_dir={tmp_path}", *base.smoke])
     res = run_train(cfg)
     assert res["step"] == 2 and 0.0 <= res["eval"]["conf/cov_r_mean"] <= 1.0
     assert all(np.isfinite(v) for v in res["eval"].values() if isinstance(v, float))

@@ -49,9 +49,12 @@ def test_encoder_invariant_permutation_equivariant_and_chiral(batch):
     from dataclasses import replace
 
     gen = torch.Generator().manual_seed(1)
-    perm = torch.cat([torch.nonzero(batch.batch == g).squeeze(1)[torch.randperm(int((batch.batch == g).sum()),
-                                                                                generator=gen)]
-                      for g in range(batch.num_graphs)])
+    perm = torch.cat(
+        [
+            torch.nonzero(batch.batch == g).squeeze(1)[torch.randperm(int((batch.batch == g).sum()), generator=gen)]
+            for g in range(batch.num_graphs)
+        ]
+    )
     pb = replace(batch, atom_types=batch.atom_types[perm], batch=batch.batch[perm], pos=batch.pos[perm])
     torch.testing.assert_close(_encode(ae, pb, pos[perm]), z[perm], atol=1e-10, rtol=1e-9)
 

@@ -17,9 +17,19 @@ R_MAX = 4.0
 @pytest.fixture(scope="module")
 def model64():
     torch.manual_seed(0)
-    return MACEModel([1, 6, 8], r_max=R_MAX, num_channels=8, max_L=1, num_interactions=2, max_ell=2,
-                     correlation=2, radial_mlp=(16,), mlp_irreps="8x0e", dtype="float64",
-                     atomic_energies=[-13.0, -48.0, -71.0])
+    return MACEModel(
+        [1, 6, 8],
+        r_max=R_MAX,
+        num_channels=8,
+        max_L=1,
+        num_interactions=2,
+        max_ell=2,
+        correlation=2,
+        radial_mlp=(16,),
+        mlp_irreps="8x0e",
+        dtype="float64",
+        atomic_energies=[-13.0, -48.0, -71.0],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +129,14 @@ def test_statistics_fit_exact_linear_energies():
     structs = []
     for k in range(6):
         nums = rng.choice([1, 6, 8], size=5 + k)
-        structs.append(Structure(nums, rng.normal(size=(len(nums), 3)) * 3, energy=sum(e0[z] for z in nums) + 0.1,
-                                 forces=np.full((len(nums), 3), 0.5)))
+        structs.append(
+            Structure(
+                nums,
+                rng.normal(size=(len(nums), 3)) * 3,
+                energy=sum(e0[z] for z in nums) + 0.1,
+                forces=np.full((len(nums), 3), 0.5),
+            )
+        )
     fit = fit_atomic_energies(structs, [1, 6, 8])
     pred = [sum(fit[[1, 6, 8].index(z)] for z in s.numbers) for s in structs]
     np.testing.assert_allclose(pred, [s.energy for s in structs], atol=0.2)

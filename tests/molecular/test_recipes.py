@@ -15,8 +15,9 @@ RECIPES = ["mace", "mace_repa", "quickstart", "foundation"]  # the force-field r
 
 def _smoke_cfg(name: str, out_dir: Path, extra: tuple[str, ...] = ()):
     base = compose("train", [f"experiment=molecular/{name}"])
-    return compose("train", [f"experiment=molecular/{name}", "trainer.max_steps=2", *base.smoke,
-                             f"out_dir={out_dir}", *extra])
+    return compose(
+        "train", [f"experiment=molecular/{name}", "trainer.max_steps=2", *base.smoke, f"out_dir={out_dir}", *extra]
+    )
 
 
 def test_recipes_exist():

@@ -25,8 +25,17 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "molecular_sample"
 @pytest.fixture(scope="module")
 def teacher_model():
     torch.manual_seed(1)
-    return MACEModel([1, 6, 7, 8, 9], r_max=4.5, num_channels=8, max_L=1, num_interactions=2, max_ell=2,
-                     correlation=2, radial_mlp=(16,), mlp_irreps="8x0e")
+    return MACEModel(
+        [1, 6, 7, 8, 9],
+        r_max=4.5,
+        num_channels=8,
+        max_L=1,
+        num_interactions=2,
+        max_ell=2,
+        correlation=2,
+        radial_mlp=(16,),
+        mlp_irreps="8x0e",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +86,21 @@ def test_hook_encoder_matches_direct_features(teacher_model, batch):
 
     graph = regraph(batch, 4.5)
     # the inner mace.modules model, called with MACE's own input dict: as for any third-party model
-    hook = HookEncoder(teacher_model.mace, "products.0", dim=teacher_model.layer_dims[0],
-                       prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}))
+    hook = HookEncoder(
+        teacher_model.mace,
+        "products.0",
+        dim=teacher_model.layer_dims[0],
+        prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}),
+    )
     direct = teacher_model.forward_intermediates(graph, [0], invariant=False)[0].x
     torch.testing.assert_close(hook.encode(batch).x, direct)
-    per = HookEncoder(teacher_model.mace, "products.0", dim=teacher_model.layer_dims[0], per_structure=True,
-                      prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}))
+    per = HookEncoder(
+        teacher_model.mace,
+        "products.0",
+        dim=teacher_model.layer_dims[0],
+        per_structure=True,
+        prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}),
+    )
     torch.testing.assert_close(per.encode(batch).x, direct)
     with pytest.raises(KeyError, match="no submodule 'products.9'"):
         HookEncoder(teacher_model.mace, "products.9", dim=8, prepare=lambda b: ((), {}))
@@ -91,8 +109,13 @@ def test_hook_encoder_matches_direct_features(teacher_model, batch):
 def test_atoms_function_encoder_and_element_centering(batch):
     def coordination(atoms):  # a toy teacher: [Z, number of neighbours within 1.6 A]
         d = atoms.get_all_distances()
-        return torch.stack([torch.as_tensor(atoms.numbers, dtype=torch.float32),
-                            torch.as_tensor((d < 1.6).sum(1) - 1, dtype=torch.float32)], 1)
+        return torch.stack(
+            [
+                torch.as_tensor(atoms.numbers, dtype=torch.float32),
+                torch.as_tensor((d < 1.6).sum(1) - 1, dtype=torch.float32),
+            ],
+            1,
+        )
 
     enc = AtomsFunctionEncoder(coordination, dim=2, center=True)
     with pytest.raises(RuntimeError, match="fit_element_means"):

@@ -65,8 +65,16 @@ class ToyEncoder:
 
     calls = 0
 
-    def __init__(self, dim: int = 16, seed: int = 0, noise: float = 0.0, random: bool = False, drop_item: bool = False,
-                 quality: float | None = None, map_seed: int | None = None):
+    def __init__(
+        self,
+        dim: int = 16,
+        seed: int = 0,
+        noise: float = 0.0,
+        random: bool = False,
+        drop_item: bool = False,
+        quality: float | None = None,
+        map_seed: int | None = None,
+    ):
         g = torch.Generator().manual_seed(seed if map_seed is None else map_seed)
         self.w1 = torch.randn(8, dim, generator=g)
         self.w2 = torch.randn(dim, dim, generator=g)
@@ -115,16 +123,26 @@ def _toy(name, **kw):
     return {"name": name, "encoder": {"_target_": "test_converge.ToyEncoder", **kw}}
 
 
-ALL_METRICS = [{"name": "mutual_knn", "topk": 5}, "cka", "unbiased_cka", {"name": "cknna", "topk": 5},
-               {"name": "svcca", "dim": 4}]
+ALL_METRICS = [
+    {"name": "mutual_knn", "topk": 5},
+    "cka",
+    "unbiased_cka",
+    {"name": "cknna", "topk": 5},
+    {"name": "svcca", "dim": 4},
+]
 
 
 def test_values_through_the_command_equal_direct_metric_calls(tmp_path):
-    out = run_convergence(_cfg(
-        tmp_path, [_toy("a", seed=1, noise=0.3), _toy("b", seed=2, dim=12, noise=0.5)],
-        levels=["item", "token", "token_centred", "token_per_group"], metrics=ALL_METRICS, max_tokens=None,
-        min_group_tokens=1,
-    ))
+    out = run_convergence(
+        _cfg(
+            tmp_path,
+            [_toy("a", seed=1, noise=0.3), _toy("b", seed=2, dim=12, noise=0.5)],
+            levels=["item", "token", "token_centred", "token_per_group"],
+            metrics=ALL_METRICS,
+            max_tokens=None,
+            min_group_tokens=1,
+        )
+    )
     data = ToyData()
     fa = extract_features(ToyEncoder(seed=1, noise=0.3), data, "a", batch_size=7, progress=False)
     fb = extract_features(ToyEncoder(seed=2, dim=12, noise=0.5), data, "b", batch_size=13, progress=False)
@@ -147,14 +165,21 @@ def test_values_through_the_command_equal_direct_metric_calls(tmp_path):
             return [(1.0, centred)]
         return [((groups == grp).sum().item() / len(groups), x[groups == grp]) for grp in groups.unique()]
 
-    fns = {"mutual_knn_topk5": lambda a, b: M.mutual_knn(a, b, topk=5), "cka": M.cka, "unbiased_cka": M.unbiased_cka,
-           "cknna_topk5": lambda a, b: M.cknna(a, b, topk=5), "svcca_dim4": lambda a, b: M.svcca(a, b, dim=4)}
+    fns = {
+        "mutual_knn_topk5": lambda a, b: M.mutual_knn(a, b, topk=5),
+        "cka": M.cka,
+        "unbiased_cka": M.unbiased_cka,
+        "cknna_topk5": lambda a, b: M.cknna(a, b, topk=5),
+        "svcca_dim4": lambda a, b: M.svcca(a, b, dim=4),
+    }
     rows = out["result"].rows
     assert len(rows) == 4 * 4 * 5  # levels x layer pairs x metrics
     for r in rows:
         la, lb = fa.layers.index(r["layer_a"]), fb.layers.index(r["layer_b"])
-        expect = sum(w * fns[r["metric"]](prep(xa), prep(xb))
-                     for (w, xa), (_, xb) in zip(views(fa, la, r["level"]), views(fb, lb, r["level"]), strict=True))
+        expect = sum(
+            w * fns[r["metric"]](prep(xa), prep(xb))
+            for (w, xa), (_, xb) in zip(views(fa, la, r["level"]), views(fb, lb, r["level"]), strict=True)
+        )
         assert r["value"] == pytest.approx(expect, abs=1e-6), r
 
     # the tidy CSV holds exactly these rows; best.csv keeps the best layer pair per (pair, level, metric)
@@ -173,10 +198,15 @@ def test_values_through_the_command_equal_direct_metric_calls(tmp_path):
 
 
 def test_identical_models_align_at_one_and_random_features_near_chance(tmp_path):
-    out = run_convergence(_cfg(
-        tmp_path, [_toy("a", seed=3), _toy("a_again", seed=3), _toy("rand", seed=4, random=True)],
-        levels=["item", "token_centred"], metrics=[{"name": "mutual_knn", "topk": 5}, "cka"], max_tokens=None,
-    ))
+    out = run_convergence(
+        _cfg(
+            tmp_path,
+            [_toy("a", seed=3), _toy("a_again", seed=3), _toy("rand", seed=4, random=True)],
+            levels=["item", "token_centred"],
+            metrics=[{"name": "mutual_knn", "topk": 5}, "cka"],
+            max_tokens=None,
+        )
+    )
     rows = out["result"].rows
     same = [r for r in rows if {r["model_a"], r["model_b"]} == {"a", "a_again"} and r["layer_a"] == r["layer_b"]]
     assert same and all(r["value"] == pytest.approx(1.0, abs=1e-6) for r in same)
@@ -195,12 +225,14 @@ def test_identical_models_align_at_one_and_random_features_near_chance(tmp_path)
 def test_feature_cache_returns_recomputed_features(tmp_path):
     data = ToyData()
     ToyEncoder.calls = 0
-    first = extract_features(ToyEncoder(seed=5), data, "m", batch_size=16, cache_dir=tmp_path, cache_key="k1",
-                             progress=False)
+    first = extract_features(
+        ToyEncoder(seed=5), data, "m", batch_size=16, cache_dir=tmp_path, cache_key="k1", progress=False
+    )
     calls = ToyEncoder.calls
     assert calls == math.ceil(len(data) / 16)
-    cached = extract_features(ToyEncoder(seed=5), data, "m", batch_size=16, cache_dir=tmp_path, cache_key="k1",
-                              progress=False)
+    cached = extract_features(
+        ToyEncoder(seed=5), data, "m", batch_size=16, cache_dir=tmp_path, cache_key="k1", progress=False
+    )
     assert ToyEncoder.calls == calls  # served from disk
     fresh = extract_features(ToyEncoder(seed=5), data, "m", batch_size=5, progress=False)
     for a, b, c in zip(first.tokens, cached.tokens, fresh.tokens, strict=True):
@@ -233,9 +265,12 @@ def test_bad_configs_name_the_item(tmp_path):
     with pytest.raises(ValueError, match="model 'b': layer 'l9' does not exist"):
         run_convergence(_cfg(tmp_path, [_toy("a"), {**_toy("b"), "layers": ["l9"]}]))
     # an optional model that cannot be built is skipped and reported
-    out = run_convergence(_cfg(tmp_path, [_toy("a"), _toy("b"),
-                                          {"name": "gone", "encoder": {"_target_": "test_converge.Nope"},
-                                           "optional": True}]))
+    out = run_convergence(
+        _cfg(
+            tmp_path,
+            [_toy("a"), _toy("b"), {"name": "gone", "encoder": {"_target_": "test_converge.Nope"}, "optional": True}],
+        )
+    )
     assert "gone" in out["summary"]["skipped"]
     # features of different item counts cannot be compared: the message names both models
     fa = ModelFeatures("x", ["0"], [torch.randn(10, 3)], torch.arange(10))
@@ -263,8 +298,9 @@ def test_anchor_relative_embeddings_share_a_space():
     x = torch.randn(50, 6, generator=g, dtype=torch.float64)
     anchors = torch.tensor([3, 7, 11, 20])
     rel = anchor_relative(x, anchors)
-    expect = torch.stack([torch.stack([torch.dot(x[i], x[a]) / (x[i].norm() * x[a].norm()) for a in anchors])
-                          for i in range(50)])
+    expect = torch.stack(
+        [torch.stack([torch.dot(x[i], x[a]) / (x[i].norm() * x[a].norm()) for a in anchors]) for i in range(50)]
+    )
     assert torch.allclose(rel, expect)
     # a rotated (and rescaled) copy has identical anchor-relative embeddings: alignment 1 under any metric
     q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
@@ -279,11 +315,26 @@ def test_anchor_relative_embeddings_share_a_space():
 def test_group_centre_and_sweep_expansion():
     x = torch.tensor([[1.0, 2.0], [3.0, 6.0], [10.0, 0.0]])
     assert torch.equal(group_centre(x, torch.tensor([0, 0, 1])), torch.tensor([[-1.0, -2.0], [1.0, 2.0], [0.0, 0.0]]))
-    specs = expand_models([{"name": "net", "encoder": {"_target_": "x.Y", "ckpt": "runs/{name}", "train": {"steps": 1}},
-                            "sweep": {"seed": [0, 1], "train.steps": [10, 20]}}])
-    assert [s["name"] for s in specs] == ["net_seed0_steps10", "net_seed0_steps20", "net_seed1_steps10",
-                                          "net_seed1_steps20"]
-    assert specs[3]["encoder"] == {"_target_": "x.Y", "ckpt": "runs/net_seed1_steps20", "train": {"steps": 20},
-                                   "seed": 1}
+    specs = expand_models(
+        [
+            {
+                "name": "net",
+                "encoder": {"_target_": "x.Y", "ckpt": "runs/{name}", "train": {"steps": 1}},
+                "sweep": {"seed": [0, 1], "train.steps": [10, 20]},
+            }
+        ]
+    )
+    assert [s["name"] for s in specs] == [
+        "net_seed0_steps10",
+        "net_seed0_steps20",
+        "net_seed1_steps10",
+        "net_seed1_steps20",
+    ]
+    assert specs[3]["encoder"] == {
+        "_target_": "x.Y",
+        "ckpt": "runs/net_seed1_steps20",
+        "train": {"steps": 20},
+        "seed": 1,
+    }
     with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
         expand_models([{"name": "a", "encoder": {}}, {"name": "a", "encoder": {}}])

@@ -20,8 +20,18 @@ def test_shapes_zero_init_and_intermediates():
     with pytest.raises(ValueError, match="outside"):
         m.forward_intermediates(x, t, y, indices=[7])
     with pytest.raises(ValueError, match="REG"):
-        DiTDH(input_size=4, patch_size=1, in_channels=8, cls_token_dim=16, depth=1, hidden_size=32, num_heads=2,
-              head_width=32, head_depth=1, head_heads=2)
+        DiTDH(
+            input_size=4,
+            patch_size=1,
+            in_channels=8,
+            cls_token_dim=16,
+            depth=1,
+            hidden_size=32,
+            num_heads=2,
+            head_width=32,
+            head_depth=1,
+            head_heads=2,
+        )
 
 
 def test_per_token_condition_that_is_constant_equals_per_item_condition():

@@ -235,8 +235,17 @@ def _run(name: str, out_dir, extra: list[str]):
     from unirep.cli import compose, run_train
 
     smoke = list(compose("train", [f"experiment=vision/{name}"]).smoke)
-    cfg = compose("train", [f"experiment=vision/{name}", "trainer.max_steps=2", f"out_dir={out_dir}",
-                            "trainer.progress=false", *smoke, *extra])
+    cfg = compose(
+        "train",
+        [
+            f"experiment=vision/{name}",
+            "trainer.max_steps=2",
+            f"out_dir={out_dir}",
+            "trainer.progress=false",
+            *smoke,
+            *extra,
+        ],
+    )
     return run_train(cfg)
 
 
@@ -284,8 +293,12 @@ def test_discriminator_warm_up_then_generator_term():
     from vision.tokenizers.tasks import RAEStage1Task
 
     torch.manual_seed(0)
-    rae = RAE(PatchEncoder(16), rae_decoder_tiny(latent_dim=16, grid=4, patch_size=4, out_channels=3), noise_tau=0.0,
-              final_norm="none")
+    rae = RAE(
+        PatchEncoder(16),
+        rae_decoder_tiny(latent_dim=16, grid=4, patch_size=4, out_channels=3),
+        noise_tau=0.0,
+        final_norm="none",
+    )
     disc = PatchDiscriminator(3, ndf=8, n_layers=2)
     task = RAEStage1Task(rae, perceptual_weight=0.0, discriminator=disc, disc_start=20, disc_update_start=10)
     batch = {"x": torch.randn(2, 3, 16, 16)}

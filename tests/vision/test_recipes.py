@@ -18,8 +18,16 @@ MINE = ["sit", "repa", "reg", "haste", "sra", "layersync", "dispersive", "quicks
 
 def _smoke(name, out_dir):
     base = compose("train", [f"experiment=vision/{name}"])
-    return compose("train", [f"experiment=vision/{name}", "trainer.max_steps=2", f"out_dir={out_dir}",
-                             "trainer.progress=false", *base.smoke])
+    return compose(
+        "train",
+        [
+            f"experiment=vision/{name}",
+            "trainer.max_steps=2",
+            f"out_dir={out_dir}",
+            "trainer.progress=false",
+            *base.smoke,
+        ],
+    )
 
 
 def test_configs_exist():

@@ -22,10 +22,20 @@ def data():
 def _task(recipe, **kw):
     torch.manual_seed(0)
     teacher = TimmViTEncoder("unirep_vit_digits", grid_size=4, allow_random_init=True)
-    model = create_sit("SiT-tiny/4", input_size=16, in_channels=1, num_classes=10,
-                       cls_token_dim=96 if recipe == "reg" else None)
-    args = dict(recipe=recipe, teacher=teacher, align_depth=2, target_depth=4, align_stop_step=1, projector_dim=32,
-                eval_samples=30, eval_batch=16, sample_steps=3)
+    model = create_sit(
+        "SiT-tiny/4", input_size=16, in_channels=1, num_classes=10, cls_token_dim=96 if recipe == "reg" else None
+    )
+    args = dict(
+        recipe=recipe,
+        teacher=teacher,
+        align_depth=2,
+        target_depth=4,
+        align_stop_step=1,
+        projector_dim=32,
+        eval_samples=30,
+        eval_batch=16,
+        sample_steps=3,
+    )
     args.update(kw)
     return VisionFlowTask(model, **args)
 
@@ -77,8 +87,11 @@ def test_bad_label_and_recipe_errors(data):
     with pytest.raises(ValueError, match="unknown recipe"):
         _task("repa2")
     with pytest.raises(ValueError, match="cls_token_dim"):
-        VisionFlowTask(create_sit("SiT-tiny/4", input_size=16, in_channels=1, num_classes=10), recipe="reg",
-                       teacher=TimmViTEncoder("unirep_vit_digits", grid_size=4, allow_random_init=True))
+        VisionFlowTask(
+            create_sit("SiT-tiny/4", input_size=16, in_channels=1, num_classes=10),
+            recipe="reg",
+            teacher=TimmViTEncoder("unirep_vit_digits", grid_size=4, allow_random_init=True),
+        )
 
 
 @pytest.mark.parametrize("recipe,sampler", [("repa", "euler"), ("repa", "heun"), ("reg", "sde")])

@@ -79,8 +79,11 @@ def test_vf_alignment_matches_definition_and_resamples():
     assert torch.allclose(got, _vf_reference(pred, teacher, 0.5, 0.25), atol=1e-5)
     # a 6x6 teacher grid is resampled (bilinear, patch centres) to the 3x3 latent grid
     big = torch.randn(2, 36, 12)
-    small = F.interpolate(big.reshape(2, 6, 6, 12).permute(0, 3, 1, 2), size=(3, 3), mode="bilinear",
-                          align_corners=False).permute(0, 2, 3, 1).reshape(2, 9, 12)
+    small = (
+        F.interpolate(big.reshape(2, 6, 6, 12).permute(0, 3, 1, 2), size=(3, 3), mode="bilinear", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .reshape(2, 9, 12)
+    )
     assert torch.allclose(vf(z, TokenSet.from_dense(big)), _vf_reference(pred, small, 0.5, 0.25), atol=1e-5)
     # ReaLS: the contrastive option is a different, positive loss; an aligned latent scores lower
     ntx = VFAlignment(z_channels=4, teacher_dim=12, loss="nt_xent", tau=0.1)
@@ -155,8 +158,9 @@ def test_stage1_task_vf_weight_and_ablation():
     assert torch.allclose(out["loss"], nll + 1e-6 * kl + expected_w * l_vf, rtol=1e-5)
     out["loss"].backward()
     assert task.align.proj.weight.grad is not None and vae.encoder.conv_in.weight.grad is not None
-    plain = VAVAEStage1Task(VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4), None, align=None,
-                            perceptual_weight=0.0)
+    plain = VAVAEStage1Task(
+        VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4), None, align=None, perceptual_weight=0.0
+    )
     assert "loss/vf" not in plain(batch, step=0) and plain.align is None
     with pytest.raises(ValueError, match="teacher"):
         VAVAEStage1Task(VAVAE(in_channels=1, ch=8, ch_mult=(1, 2), z_channels=4), None, align="vf")

@@ -117,7 +117,11 @@ class DiTDH(SiT):
         return out, [TokenSet.from_dense(by_index[int(i)]) for i in indices]
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, cls: Tensor | None = None,
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        cls: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
     ) -> Tensor:
         return self.forward_intermediates(x, t, y, (), cls=cls, force_drop_ids=force_drop_ids)[0]
@@ -125,22 +129,42 @@ class DiTDH(SiT):
 
 def ditdh_tiny(**kw) -> DiTDH:
     """Trunk 4 x 64 (4 heads), head 2 x 128 (4 heads): CPU tests and smoke runs."""
-    return DiTDH(**{"depth": 4, "hidden_size": 64, "num_heads": 4, "head_width": 128, "head_depth": 2,
-                    "head_heads": 4, **kw})
+    return DiTDH(
+        **{"depth": 4, "hidden_size": 64, "num_heads": 4, "head_width": 128, "head_depth": 2, "head_heads": 4, **kw}
+    )
 
 
 def ditdh_s(**kw) -> DiTDH:
     """DiT^DH-S: trunk S (12 x 384), head 2 x 2048 (anchor's DiTDH-S config)."""
-    return DiTDH(**{"depth": 12, "hidden_size": 384, "num_heads": 6, "head_width": 2048, "head_depth": 2,
-                    "head_heads": 16, **kw})
+    return DiTDH(
+        **{"depth": 12, "hidden_size": 384, "num_heads": 6, "head_width": 2048, "head_depth": 2, "head_heads": 16, **kw}
+    )
 
 
 def ditdh_b(**kw) -> DiTDH:
-    return DiTDH(**{"depth": 12, "hidden_size": 768, "num_heads": 12, "head_width": 2048, "head_depth": 2,
-                    "head_heads": 16, **kw})
+    return DiTDH(
+        **{
+            "depth": 12,
+            "hidden_size": 768,
+            "num_heads": 12,
+            "head_width": 2048,
+            "head_depth": 2,
+            "head_heads": 16,
+            **kw,
+        }
+    )
 
 
 def ditdh_xl(**kw) -> DiTDH:
     """DiT^DH-XL: trunk 28 x 1152, head 2 x 2048 (the anchor's headline model)."""
-    return DiTDH(**{"depth": 28, "hidden_size": 1152, "num_heads": 16, "head_width": 2048, "head_depth": 2,
-                    "head_heads": 16, **kw})
+    return DiTDH(
+        **{
+            "depth": 28,
+            "hidden_size": 1152,
+            "num_heads": 16,
+            "head_width": 2048,
+            "head_depth": 2,
+            "head_heads": 16,
+            **kw,
+        }
+    )

@@ -336,8 +336,7 @@ class SiT(nn.Module):
         """
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"SiT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
-                f"got {tuple(x.shape)}"
+                f"SiT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
             )
         want = {int(i) for i in indices}
         for i in want:
@@ -367,7 +366,11 @@ class SiT(nn.Module):
         return out, feats
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor | None = None, cls: Tensor | None = None,
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        cls: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity ``[B, C_out, H, W]`` (and the class-token velocity ``[B, cls_token_dim]`` when ``cls`` is given)."""

@@ -81,9 +81,7 @@ class RAEDecoder(nn.Module):
         pos = torch.from_numpy(get_2d_sincos_pos_embed(width, grid)).float()
         pos = torch.cat([torch.zeros(1, width, device="cpu"), pos])
         self.register_buffer("pos_embed", pos[None], persistent=False)  # [1, 1+N, W]
-        self.blocks = nn.ModuleList(
-            [Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Linear(width, patch_size * patch_size * out_channels)
         self.apply(self._init)
@@ -176,8 +174,10 @@ class RAE(Tokenizer):
     ):
         dim = int(encoder.dim)
         if decoder.latent_dim != dim:
-            raise ValueError(f"RAE decoder latent_dim {decoder.latent_dim} != encoder dim {dim}: build the decoder "
-                             f"with latent_dim={dim}")
+            raise ValueError(
+                f"RAE decoder latent_dim {decoder.latent_dim} != encoder dim {dim}: build the decoder "
+                f"with latent_dim={dim}"
+            )
         super().__init__(stat_shape=(dim, decoder.grid, decoder.grid), eps=eps)
         if final_norm not in ("strip", "apply", "none"):
             raise ValueError(f"RAE final_norm must be 'strip', 'apply' or 'none', got {final_norm!r}")

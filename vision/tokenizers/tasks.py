@@ -53,16 +53,18 @@ def _stat_dims(tok: Tokenizer) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def fit_tokenizer_statistics(tok: Tokenizer, dataset: Dataset, batch_size: int = 64, max_items: int | None = None,
-                             collate_fn=None) -> int:
+def fit_tokenizer_statistics(
+    tok: Tokenizer, dataset: Dataset, batch_size: int = 64, max_items: int | None = None, collate_fn=None
+) -> int:
     """Fit ``latent_mean``/``latent_std`` over (up to ``max_items`` of) a data set's images; returns the item count."""
     if len(dataset) == 0:
         raise ValueError("cannot fit tokenizer statistics on an empty data set")
     was_training = tok.training
     tok.eval()
     n = len(dataset) if max_items is None else min(len(dataset), max_items)
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_fn)
+    loader = DataLoader(
+        torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False, collate_fn=collate_fn
+    )
     device = tok.latent_mean.device
     tok.fit_statistics((images_of(b).to(device) for b in loader), reduce_dims=_stat_dims(tok))
     tok.train(was_training)
@@ -81,14 +83,23 @@ class _TokenizerTask(Task):
 
     tokenizer: Tokenizer
 
-    def _setup_gan(self, discriminator: nn.Module | None, disc_weight: float, disc_start: int, max_w: float,
-                   disc_update_start: int | None, gen_loss: str) -> None:
+    def _setup_gan(
+        self,
+        discriminator: nn.Module | None,
+        disc_weight: float,
+        disc_start: int,
+        max_w: float,
+        disc_update_start: int | None,
+        gen_loss: str,
+    ) -> None:
         self.discriminator = discriminator
         self.disc_weight, self.disc_start, self.disc_max_weight = float(disc_weight), int(disc_start), float(max_w)
         self.disc_update_start = self.disc_start if disc_update_start is None else int(disc_update_start)
         if self.disc_update_start > self.disc_start:
-            raise ValueError(f"disc_update_start ({self.disc_update_start}) must not come after disc_start "
-                             f"({self.disc_start}): the discriminator has to train before the decoder follows it")
+            raise ValueError(
+                f"disc_update_start ({self.disc_update_start}) must not come after disc_start "
+                f"({self.disc_start}): the discriminator has to train before the decoder follows it"
+            )
         if gen_loss not in GEN_LOSSES:  # checked at construction, not at disc_start
             raise ValueError(
                 f"gen_loss must be one of {sorted(GEN_LOSSES)} (hinge: LDM, vanilla: RAE), got {gen_loss!r}"
@@ -117,8 +128,12 @@ class _TokenizerTask(Task):
             return {"gan_total": d_loss, "loss/gan_d": d_loss.detach()}
         g_loss, d_loss = gan_losses(self.discriminator, x, x_rec, gen_loss=self.gen_loss)
         lam = gan_adaptive_weight(nll, g_loss, last_layer, self.disc_max_weight) if self.training else nll.new_ones(())
-        return {"gan_total": self.disc_weight * lam * g_loss + d_loss, "loss/gan_g": g_loss.detach(),
-                "loss/gan_d": d_loss.detach(), "gan/weight": lam}
+        return {
+            "gan_total": self.disc_weight * lam * g_loss + d_loss,
+            "loss/gan_g": g_loss.detach(),
+            "loss/gan_d": d_loss.detach(),
+            "gan/weight": lam,
+        }
 
     @abc.abstractmethod
     def _reconstruct_eval(self, x: Tensor) -> Tensor:
@@ -132,8 +147,12 @@ class _TokenizerTask(Task):
         """PSNR, SSIM and FD-teacher of reconstructions on the held-out split (or the training split)."""
         dataset = data.val if getattr(data, "val", None) is not None and len(data.val) > 0 else data.train
         n = min(len(dataset), self.eval_items)
-        loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=64, shuffle=False,
-                            collate_fn=getattr(data, "collate_fn", None))
+        loader = DataLoader(
+            torch.utils.data.Subset(dataset, range(n)),
+            batch_size=64,
+            shuffle=False,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
         was_training = self.training
         self.eval()
         device = self.tokenizer.latent_mean.device
@@ -229,8 +248,12 @@ class RAEStage1Task(_TokenizerTask):
     def evaluate(self, data, out_dir: Path, step: int) -> dict[str, float]:
         out = super().evaluate(data, out_dir, step)
         # the statistics depend on the frozen encoder only: fit them here so the checkpoint carries them
-        n = fit_tokenizer_statistics(self.tokenizer, data.train, max_items=self.fit_statistics_items,
-                                     collate_fn=getattr(data, "collate_fn", None))
+        n = fit_tokenizer_statistics(
+            self.tokenizer,
+            data.train,
+            max_items=self.fit_statistics_items,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
         out["stats/items"] = float(n)
         return out
 
@@ -280,15 +303,28 @@ class VAVAEStage1Task(_TokenizerTask):
         if align not in ("vf", "nt_xent", None):
             raise ValueError(f"align must be 'vf', 'nt_xent' or null, got {align!r}")
         if teacher is None and (align is not None or perceptual_weight > 0):
-            raise ValueError("VAVAEStage1Task: the VF loss and the perceptual loss need a teacher encoder; pass "
-                             "teacher=... or set align=null and perceptual_weight=0")
+            raise ValueError(
+                "VAVAEStage1Task: the VF loss and the perceptual loss need a teacher encoder; pass "
+                "teacher=... or set align=null and perceptual_weight=0"
+            )
         _ensure_stats_buffer(tokenizer)
         self.tokenizer = tokenizer
         self.teacher = None
         if teacher is not None:
             self.teacher = teacher if isinstance(teacher, FrozenEncoder) else FrozenEncoder(teacher, teacher_cache_dir)
-        self.align = (VFAlignment(tokenizer.z_channels, self.teacher.dim, loss="vf" if align == "vf" else "nt_xent",
-                                  m1=m1, m2=m2, tau=tau, hyper_weight=vf_weight) if align is not None else None)
+        self.align = (
+            VFAlignment(
+                tokenizer.z_channels,
+                self.teacher.dim,
+                loss="vf" if align == "vf" else "nt_xent",
+                m1=m1,
+                m2=m2,
+                tau=tau,
+                hyper_weight=vf_weight,
+            )
+            if align is not None
+            else None
+        )
         self.kl_weight = float(kl_weight)
         self.perceptual = EncoderPerceptualLoss(self.teacher) if perceptual_weight > 0 else None
         self.perceptual_weight = float(perceptual_weight)
@@ -328,8 +364,12 @@ class VAVAEStage1Task(_TokenizerTask):
     @torch.no_grad()
     def evaluate(self, data, out_dir: Path, step: int) -> dict[str, float]:
         out = super().evaluate(data, out_dir, step)
-        n = fit_tokenizer_statistics(self.tokenizer, data.train, max_items=self.fit_statistics_items,
-                                     collate_fn=getattr(data, "collate_fn", None))
+        n = fit_tokenizer_statistics(
+            self.tokenizer,
+            data.train,
+            max_items=self.fit_statistics_items,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
         out["stats/items"] = float(n)
         return out
 
@@ -371,20 +411,26 @@ def load_tokenizer(
 
         path = Path(str(checkpoint)).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist: train one with "
-                                    f"`unirep-train experiment=vision/rae_stage1` (or vavae_stage1) and pass "
-                                    f"task.tokenizer.checkpoint=<its out_dir or a checkpoints/step_N folder>")
+            raise FileNotFoundError(
+                f"tokenizer checkpoint {path} does not exist: train one with "
+                f"`unirep-train experiment=vision/rae_stage1` (or vavae_stage1) and pass "
+                f"task.tokenizer.checkpoint=<its out_dir or a checkpoints/step_N folder>"
+            )
         task, _ = load_task(str(path), ema=ema)
         tok = getattr(task, "tokenizer", None)
         if not isinstance(tok, Tokenizer):
             raise TypeError(f"{path} is a checkpoint of {type(task).__name__}, not of a tokenizer stage-1 task")
     elif random_init is not None:
-        warnings.warn("load_tokenizer: no checkpoint given, using a randomly initialised tokenizer (smoke runs only)",
-                      stacklevel=2)
+        warnings.warn(
+            "load_tokenizer: no checkpoint given, using a randomly initialised tokenizer (smoke runs only)",
+            stacklevel=2,
+        )
         tok = _build(random_init)
     else:
-        raise ValueError("load_tokenizer needs task.tokenizer.checkpoint=<stage-1 checkpoint folder> "
-                         "(or task.tokenizer.random_init for smoke runs)")
+        raise ValueError(
+            "load_tokenizer needs task.tokenizer.checkpoint=<stage-1 checkpoint folder> "
+            "(or task.tokenizer.random_init for smoke runs)"
+        )
     _ensure_stats_buffer(tok)
     if data is not None and (fit_statistics == "always" or (fit_statistics == "auto" and int(tok.stats_items) == 0)):
         data = _build(data)

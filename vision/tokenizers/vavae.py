@@ -202,8 +202,9 @@ class VAVAE(Tokenizer):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"VAVAE expects images [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if x.shape[-1] % self.downsample or x.shape[-2] % self.downsample:
-            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor "
-                             f"{self.downsample}")
+            raise ValueError(
+                f"image size {tuple(x.shape[-2:])} is not divisible by the downsampling factor {self.downsample}"
+            )
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def _encode(self, x: Tensor) -> Tensor:
