@@ -19,14 +19,17 @@ Losses (each ``loss(pred, target) -> scalar``, ``pred`` and ``target`` holding t
 - ``nt_xent``: InfoNCE over tokens: token t of ``pred`` must pick token t of ``target`` among the batch's tokens.
 - ``mse`` and ``smooth_l1`` on token features, averaged like ``neg_cosine`` (per token, then per item).
 
-Targets come in three kinds, all of which are just a detached :class:`TokenSet` here:
+Alignment terms (:class:`AlignmentTerm`, run together by :class:`Alignment`) are the one code path every task
+uses: ``AlignmentTerm(layer, projector, target, loss, weight, schedule)`` projects the student's tokens at ``layer``
+(the :mod:`unirep.intermediates` index convention) and compares them with the tokens of a target:
 
-1. a frozen encoder's tokens (REPA, MACE-REPA): the task calls the teacher under ``no_grad``;
-2. an EMA copy of the student (self-alignment, SRA, Jiang et al. 2025): :class:`EMATeacher` keeps the copy and
-   the task calls ``teacher.update(student)`` in ``on_step_end``;
-3. a deeper layer of the same network (layer sync): :func:`detach_target` of that layer's tokens, so the deep
-   layer is not pulled towards the shallow one.
+1. :class:`TeacherTarget`: a frozen encoder's tokens (REPA, MACE-REPA, conformer REPA), at one of its layers, or
+   its pooled token (REG's ``[cls, patches]``); the task's own teacher when no encoder is given;
+2. :class:`EMATarget`: an EMA copy of the student at a deeper layer and a less noisy time (SRA, Jiang et al. 2025);
+3. :class:`LayerTarget`: another layer of the same forward pass, gradient stopped (LayerSync);
+4. ``None``: a regulariser on the student's tokens alone, e.g. :func:`dispersive_loss`.
 
+Each method is one config under ``configs/align/``; adding one is a config plus, at most, a loss function.
 :func:`dispersive_loss` (Wang & He 2025, "Diffuse and Disperse") is a regulariser with no target.
 Weight schedules: :class:`ConstantWeight`, :class:`StopAtStep` (HASTE, Wang et al. 2025: alignment switched off
 at a step), :class:`LinearDecay`. :func:`resample_grid` resizes a square token grid when the teacher's grid
@@ -37,12 +40,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirep.intermediates import normalize_index
 from unirep.tokens import TokenSet, segment_mean
 
 __all__ = [
@@ -64,6 +70,14 @@ __all__ = [
     "detach_target",
     "resample_grid",
     "resample_tokens",
+    "AlignContext",
+    "AlignTarget",
+    "TeacherTarget",
+    "EMATarget",
+    "LayerTarget",
+    "AlignmentTerm",
+    "Alignment",
+    "prepend_tokens",
 ]
 
 Tokens = TokenSet | Tensor
@@ -360,8 +374,10 @@ class Aligner(nn.Module):
 def dispersive_loss(tokens: Tokens, tau: float = 0.5, variant: str = "l2", reduce: str = "flatten") -> Tensor:
     """Dispersive loss (Wang & He 2025): ``log mean_ij exp(-D(z_i, z_j) / tau)`` over all pairs of the batch.
 
-    ``variant="l2"``: D = squared Euclidean distance (the paper's default InfoNCE-L2 form); ``"cosine"``:
-    D = -cos(z_i, z_j). The mean runs over all B*B pairs including i = j, as the paper's reference code does.
+    ``variant="l2"``: D = squared Euclidean distance divided by the dimension of z (the paper's InfoNCE-L2 form, as
+    the official code computes it: ``||z_i - z_j||^2 / dim``); ``"cosine"``: D = -cos(z_i, z_j). Anchor defaults:
+    tau 0.5, weight 0.5 at block depth // 4 (JAX code); tau 1, weight 0.25 at the last block (PyTorch code).
+    The mean runs over all B*B pairs including i = j, as the paper's reference code does.
     ``reduce`` chooses what one ``z_i`` is: ``"flatten"`` all tokens of an item concatenated (the paper; needs
     the same token count in every item), ``"mean"`` the item's mean token (any token counts, e.g. molecules), or
     ``"tokens"`` every token of the batch on its own.
@@ -392,8 +408,11 @@ def _dispersive(z: Tensor, tau: float, variant: str) -> Tensor:
         dist = -(zn @ zn.T)
     else:
         raise ValueError(f"dispersive_loss variant must be 'l2' or 'cosine', got {variant!r}")
+    # the official code divides the squared distance by the feature dimension: without it exp(-d / tau) underflows
+    # to 0 for every pair at realistic widths, the loss is the constant -log B and its gradient exactly zero
+    scale = z.shape[1] if variant == "l2" else 1
     n = dist.numel()
-    return torch.logsumexp(-dist.flatten() / tau, dim=0) - math.log(n)
+    return torch.logsumexp(-dist.flatten() / (scale * tau), dim=0) - math.log(n)
 
 
 # -- target kinds ---------------------------------------------------------------------------------------------
@@ -475,3 +494,385 @@ def resample_tokens(tokens: TokenSet, n_out: int, antialias: bool = False) -> To
     if dense.shape[1] == n_out:
         return tokens
     return TokenSet.from_dense(resample_grid(dense, n_out, antialias=antialias))
+
+
+# -- alignment terms: one code path for every method ----------------------------------------------------------
+@dataclass
+class AlignContext:
+    """What a task hands its alignment terms for one training step.
+
+    Attributes:
+        batch: the task's batch (a teacher target reads its input from it, see :meth:`TeacherTarget.teacher_input`).
+        features: the student's hidden tokens by normalised layer index (from ``forward_intermediates``).
+        t: per-item training times ``[B]`` (an EMA target's time offset is applied to them), or ``None``.
+        rerun: ``rerun(module, t, indices) -> list[TokenSet]`` runs a copy of the student (same architecture) on
+            this step's clean data and noise at other times ``t[B]``; generative tasks provide it for EMA targets.
+        device: where the student's tokens live (teacher features are moved there).
+        cache: per-step memo, so terms sharing a teacher run it once.
+    """
+
+    batch: Any
+    features: dict[int, TokenSet]
+    t: Tensor | None = None
+    rerun: Callable[[nn.Module, Tensor, list[int]], list[TokenSet]] | None = None
+    device: torch.device | None = None
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+class AlignTarget(nn.Module):
+    """Base of the target kinds: what the student's projected tokens are compared with.
+
+    A target is bound to the student once (:meth:`bind`), reports its token width (:meth:`dim`) so the projector
+    can be built before the first step, and produces detached tokens of the batch's items (:meth:`tokens`).
+    """
+
+    kind = "target"
+
+    def bind(self, model: nn.Module, num_layers: int, teacher: nn.Module | None = None) -> None:  # noqa: B027
+        """Resolve layer indices against the student (``num_layers`` blocks); optional for subclasses."""
+
+    def student_layers(self) -> list[int]:
+        """Student layers this target reads from the same forward pass (layer sync)."""
+        return []
+
+    def dim(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def tokens(self, ctx: AlignContext) -> TokenSet:
+        raise NotImplementedError
+
+    def on_step_end(self, model: nn.Module) -> None:  # noqa: B027
+        """After each optimiser step (EMA targets update their copy)."""
+
+
+def _feature_dim(model: nn.Module, index: int) -> int:
+    fn = getattr(model, "feature_dim", None)
+    if fn is None:
+        raise TypeError(
+            f"{type(model).__name__} has no feature_dim(index): every backbone used for alignment must report the "
+            "width of its hidden tokens (see unirep.intermediates)"
+        )
+    return int(fn(index))
+
+
+def _num_layers(model: nn.Module) -> int:
+    n = getattr(model, "num_layers", None)
+    if n is None:
+        raise TypeError(f"{type(model).__name__} has no num_layers: alignment needs it to resolve layer indices")
+    return int(n)
+
+
+_POOLED_MODES = ("tokens", "pooled", "pooled+tokens")
+
+
+class TeacherTarget(AlignTarget):
+    """A frozen teacher's tokens of the same items (REPA, MACE-REPA, conformer REPA, REG, VF).
+
+    Args:
+        encoder: the teacher (wrapped in a :class:`~unirep.encoders.FrozenEncoder` if it is not one); ``None``
+            uses the task's teacher (``task.teacher``), so one teacher serves alignment and evaluation.
+        layer: the teacher's layer (its ``forward_intermediates`` index); ``None`` for its default output.
+        mode: ``"tokens"`` (patch / atom tokens), ``"pooled"`` (one token per item: the class token or the mean), or
+            ``"pooled+tokens"`` (REG's ``[cls, patches]``: the pooled token prepended to each item's tokens).
+        input_key: the batch field fed to the teacher: a name or a list tried in order (``("image", "x")``: the
+            image when training on latents, else the input); ``None`` feeds the whole batch (graph batches).
+        cache_dir: the teacher feature store when ``encoder`` is wrapped here.
+    """
+
+    kind = "teacher"
+
+    def __init__(
+        self,
+        encoder: nn.Module | None = None,
+        layer: int | None = None,
+        mode: str = "tokens",
+        input_key: str | Sequence[str] | None = ("image", "x"),
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in _POOLED_MODES:
+            raise ValueError(f"TeacherTarget mode={mode!r}: use one of {_POOLED_MODES}")
+        self.encoder = _frozen(encoder, cache_dir) if encoder is not None else None
+        self.layer, self.mode = layer, mode
+        self.input_key = (input_key,) if isinstance(input_key, str) else (tuple(input_key) if input_key else None)
+
+    def bind(self, model: nn.Module, num_layers: int, teacher: nn.Module | None = None) -> None:
+        if self.encoder is None:
+            if teacher is None:
+                raise ValueError(
+                    "a TeacherTarget without an encoder uses the task's teacher, but the task has none: set "
+                    "task.teacher or the target's encoder"
+                )
+            # the task's own FrozenEncoder, shared, not registered twice as a submodule
+            object.__setattr__(self, "_shared", _frozen(teacher, None))
+        if self.mode != "tokens" and not hasattr(self._teacher.encoder, "encode_pooled"):
+            raise ValueError(f"TeacherTarget mode={self.mode!r} needs a teacher with a pooled vector (encode_pooled)")
+
+    @property
+    def _teacher(self) -> Any:
+        enc = self.encoder if self.encoder is not None else getattr(self, "_shared", None)
+        if enc is None:
+            raise RuntimeError("TeacherTarget used before bind(): call Alignment.bind(model, teacher) first")
+        return enc
+
+    def dim(self, model: nn.Module) -> int:
+        enc = self._teacher
+        if self.mode == "pooled":
+            return int(getattr(enc, "pooled_dim", None) or enc.dim)
+        return int(enc.dim)
+
+    def teacher_input(self, batch: Any) -> Any:
+        """The part of a training batch the teacher sees."""
+        if self.input_key is None or not isinstance(batch, Mapping):
+            return batch
+        for key in self.input_key:
+            if key in batch:
+                return batch[key]
+        raise KeyError(f"TeacherTarget: the batch has none of the fields {list(self.input_key)} (has {list(batch)})")
+
+    def tokens(self, ctx: AlignContext) -> TokenSet:
+        memo = (id(self._teacher), self.layer, self.mode)
+        if memo in ctx.cache:
+            return ctx.cache[memo]
+        enc = self._teacher
+        sample = self.teacher_input(ctx.batch)
+        out: TokenSet | None = None
+        if self.mode != "pooled":
+            out = enc.encode(sample, layer=self.layer, device=ctx.device)
+        if self.mode != "tokens":
+            pooled = enc.encode_pooled(sample, device=ctx.device)  # [B, D]
+            cls = TokenSet(pooled, torch.arange(pooled.shape[0], device=pooled.device), None, pooled.shape[0])
+            out = cls if out is None else prepend_tokens(cls, out)
+        assert out is not None
+        out = out.detach()
+        ctx.cache[memo] = out
+        return out
+
+
+def _frozen(encoder: nn.Module, cache_dir: str | None) -> Any:
+    from unirep.encoders import FrozenEncoder
+
+    return encoder if isinstance(encoder, FrozenEncoder) else FrozenEncoder(encoder, cache_dir)
+
+
+def prepend_tokens(first: TokenSet, rest: TokenSet) -> TokenSet:
+    """Per item, ``first``'s tokens followed by ``rest``'s (REG's ``[cls, patches]``); items must match."""
+    if first.num_items != rest.num_items:
+        raise ValueError(f"prepend_tokens: {first.num_items} items vs {rest.num_items}")
+    x = torch.cat([first.x, rest.x.to(first.x.dtype)])
+    batch = torch.cat([first.batch, rest.batch])
+    order = torch.sort(batch, stable=True).indices  # tokens grouped by item, first's before rest's
+    return TokenSet(x[order], batch[order], None, first.num_items)
+
+
+class EMATarget(AlignTarget):
+    """The EMA student's tokens at a deeper layer and a less noisy time (SRA, Jiang et al. 2025, vvvvvjdy/SRA).
+
+    The copy is updated after every optimiser step. The teacher sees the same clean data and noise at
+    ``t' = max(0, t - time_offset * u)``, ``u ~ U(0, 1)`` per item (``offset_dist="uniform"``, the anchor's
+    ``0.2 * U(0, 1)``) or ``u = 1`` (``"fixed"``). The task provides ``AlignContext.rerun``.
+    """
+
+    kind = "ema"
+
+    def __init__(
+        self, layer: int, decay: float = 0.9999, time_offset: float = 0.2, offset_dist: str = "uniform"
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMATarget decay must be in [0, 1], got {decay}")
+        if offset_dist not in ("uniform", "fixed"):
+            raise ValueError(f"EMATarget offset_dist={offset_dist!r}: use 'uniform' or 'fixed'")
+        self.layer_spec, self.decay = layer, float(decay)
+        self.time_offset, self.offset_dist = float(time_offset), offset_dist
+        self.ema: EMATeacher | None = None
+        self.layer = layer
+
+    def bind(self, model: nn.Module, num_layers: int, teacher: nn.Module | None = None) -> None:
+        self.layer = normalize_index(self.layer_spec, num_layers, "student")
+        if self.ema is None:
+            self.ema = EMATeacher(model, decay=self.decay)
+
+    def dim(self, model: nn.Module) -> int:
+        return _feature_dim(model, self.layer)
+
+    def tokens(self, ctx: AlignContext) -> TokenSet:
+        if ctx.rerun is None or ctx.t is None:
+            raise ValueError("an EMA target needs a task that provides AlignContext.rerun and t (a generative task)")
+        assert self.ema is not None
+        u = torch.rand_like(ctx.t) if self.offset_dist == "uniform" else torch.ones_like(ctx.t)
+        t_teacher = (ctx.t - self.time_offset * u).clamp_min(0.0)
+        with torch.no_grad():
+            return ctx.rerun(self.ema.module, t_teacher, [self.layer])[0].detach()
+
+    def on_step_end(self, model: nn.Module) -> None:
+        assert self.ema is not None
+        self.ema.update(model)
+
+
+class LayerTarget(AlignTarget):
+    """Another layer of the same forward pass, gradient stopped (LayerSync, vita-epfl/LayerSync)."""
+
+    kind = "layer"
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer_spec = layer
+        self.layer = layer
+
+    def bind(self, model: nn.Module, num_layers: int, teacher: nn.Module | None = None) -> None:
+        self.layer = normalize_index(self.layer_spec, num_layers, "student")
+
+    def student_layers(self) -> list[int]:
+        return [self.layer]
+
+    def dim(self, model: nn.Module) -> int:
+        return _feature_dim(model, self.layer)
+
+    def tokens(self, ctx: AlignContext) -> TokenSet:
+        return ctx.features[self.layer].detach()
+
+
+ProjectorFactory = Callable[[int, int], nn.Module]
+
+
+class AlignmentTerm(nn.Module):
+    """One alignment method: the student's tokens at ``layer``, projected, compared with ``target`` by ``loss``.
+
+    Args:
+        layer: the student's layer (``forward_intermediates`` index: 0 embedding, 1..L blocks, negative from the end).
+        projector: a built module, a factory ``(in_dim, out_dim) -> module`` (hydra ``_partial_: true``; built at
+            :meth:`bind` with the student's and the target's widths), or ``None`` for the identity.
+        target: an :class:`AlignTarget`, or ``None`` for a regulariser on the student's tokens (dispersive loss):
+            then ``loss(tokens) -> scalar``.
+        loss: a name in :data:`LOSSES` or a callable ``loss(pred, target) -> scalar``.
+        weight: constant weight when no ``schedule`` is given.
+        schedule: ``schedule(step) -> weight`` (:class:`StopAtStep` for HASTE, :class:`LinearDecay`); at weight 0 the
+            term is skipped entirely (no teacher call).
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        projector: nn.Module | ProjectorFactory | None = None,
+        target: AlignTarget | None = None,
+        loss: str | Callable[..., Tensor] = "neg_cosine",
+        weight: float = 0.5,
+        schedule: Callable[[int], float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_spec = layer
+        self.layer = layer
+        self.target = target
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(f"unknown alignment loss {loss!r}: use one of {sorted(LOSSES)} or a callable")
+            self.loss_name, self.loss_fn = loss, LOSSES[loss]
+        elif callable(loss):
+            self.loss_name = getattr(loss, "__name__", getattr(getattr(loss, "func", None), "__name__", "loss"))
+            self.loss_fn = loss
+        else:
+            raise TypeError(f"AlignmentTerm loss must be a name or a callable, got {type(loss).__name__}")
+        self.schedule = schedule if schedule is not None else ConstantWeight(weight)
+        if isinstance(projector, nn.Module) or projector is None:
+            self.projector: nn.Module = projector if projector is not None else nn.Identity()
+            self._factory = None
+        elif callable(projector):
+            self.projector, self._factory = nn.Identity(), projector
+        else:
+            raise TypeError(f"projector must be a module, a factory (in_dim, out_dim) or None, got {projector!r}")
+        self.bound = False
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None = None) -> None:
+        """Resolve indices against the student and build the projector with the right widths."""
+        n = _num_layers(model)
+        self.layer = normalize_index(self.layer_spec, n, "student")
+        if self.target is not None:
+            self.target.bind(model, n, teacher)
+        if self._factory is not None:
+            in_dim = _feature_dim(model, self.layer)
+            out_dim = self.target.dim(model) if self.target is not None else in_dim
+            self.projector = self._factory(in_dim, out_dim)
+            self._factory = None
+        self.bound = True
+
+    def student_layers(self) -> list[int]:
+        return [self.layer] + (self.target.student_layers() if self.target is not None else [])
+
+    def weight_at(self, step: int) -> float:
+        return float(self.schedule(step))
+
+    def forward(self, ctx: AlignContext, step: int) -> dict[str, Tensor]:
+        """``{"loss": weighted, "raw": unweighted, "cos": mean cosine (targets only), "weight": w}``."""
+        if not self.bound:
+            raise RuntimeError("AlignmentTerm used before bind(model): the task must call Alignment.bind")
+        w = self.weight_at(step)
+        student = ctx.features[self.layer]
+        zero = student.x.new_zeros(()).float()
+        if w == 0.0:  # switched off (HASTE's stop): no projector, no teacher call
+            return {"loss": zero, "raw": zero.detach(), "weight": torch.tensor(0.0)}
+        pred = student.with_x(self.projector(student.x))
+        if self.target is None:
+            raw = self.loss_fn(pred)
+            return {"loss": w * raw, "raw": raw.detach(), "weight": torch.tensor(w)}
+        target = self.target.tokens(ctx)
+        if target.x.shape[0] != pred.x.shape[0] and pred.is_uniform and target.is_uniform:
+            target = resample_tokens(target, pred.x.shape[0] // max(pred.num_items, 1))
+        target = target.to(pred.x.device)
+        raw = self.loss_fn(pred, target)
+        with torch.no_grad():
+            cos = _item_mean(token_cosine(pred, target), pred)
+        return {"loss": w * raw, "raw": raw.detach(), "cos": cos.detach(), "weight": torch.tensor(w)}
+
+
+class Alignment(nn.Module):
+    """The alignment terms of a task, run by one code path.
+
+    ``terms`` maps a name to an :class:`AlignmentTerm` (a hydra dict composed from ``configs/align/``). A task calls
+    :meth:`bind` once with its student (and its own teacher, for targets without an encoder), asks
+    :meth:`student_layers` which hidden states ``forward_intermediates`` must return, and adds
+    ``alignment(ctx, step)`` to its loss. Logged: ``loss/<name>`` (unweighted), ``align/<name>/cos``,
+    ``align/<name>/weight``.
+    """
+
+    def __init__(self, terms: Mapping[str, AlignmentTerm] | Sequence[AlignmentTerm] | None = None) -> None:
+        super().__init__()
+        if terms is None:
+            terms = {}
+        if not isinstance(terms, Mapping):
+            terms = {f"align{i}": term for i, term in enumerate(terms)}
+        for name, term in terms.items():
+            if not isinstance(term, AlignmentTerm):
+                raise TypeError(f"alignment term {name!r} is a {type(term).__name__}, not an AlignmentTerm")
+        self.terms = nn.ModuleDict(dict(terms))
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def bind(self, model: nn.Module, teacher: nn.Module | None = None) -> Alignment:
+        for term in self.terms.values():
+            term.bind(model, teacher)
+        return self
+
+    def student_layers(self) -> list[int]:
+        return sorted({i for term in self.terms.values() for i in term.student_layers()})
+
+    def forward(self, ctx: AlignContext, step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+        total: Tensor | None = None
+        logs: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            res = term(ctx, step)
+            total = res["loss"] if total is None else total + res["loss"]
+            logs[f"loss/{name}"] = res["raw"]
+            logs[f"align/{name}/weight"] = res["weight"]
+            if "cos" in res:
+                logs[f"align/{name}/cos"] = res["cos"]
+        return total, logs
+
+    def on_step_end(self, model: nn.Module) -> None:
+        for term in self.terms.values():
+            if term.target is not None:
+                term.target.on_step_end(model)
+
+    def teacher_targets(self) -> list[TeacherTarget]:
+        return [t.target for t in self.terms.values() if isinstance(t.target, TeacherTarget)]

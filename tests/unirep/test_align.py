@@ -176,7 +176,8 @@ def test_dispersive_loss_matches_pairwise_definition():
     x = torch.randn(4, 3, 2, generator=g)  # 4 items, 3 tokens, 2 dims
     tau = 0.5
     z = x.reshape(4, -1)
-    terms = [math.exp(-float(((z[i] - z[j]) ** 2).sum()) / tau) for i in range(4) for j in range(4)]
+    d = z.shape[1]  # the official code divides the squared distance by the flattened dimension
+    terms = [math.exp(-float(((z[i] - z[j]) ** 2).sum()) / (d * tau)) for i in range(4) for j in range(4)]
     assert A.dispersive_loss(x, tau=tau).item() == pytest.approx(math.log(sum(terms) / 16), abs=1e-5)
     zc = F.normalize(z, dim=-1)
     terms_c = [math.exp(float(zc[i] @ zc[j]) / tau) for i in range(4) for j in range(4)]
@@ -192,7 +193,12 @@ def test_dispersive_loss_matches_pairwise_definition():
         A.dispersive_loss(ragged)
     pooled = ragged.pool("mean").float()
     ref = math.log(
-        sum(math.exp(-float(((pooled[i] - pooled[j]) ** 2).sum()) / tau) for i in range(2) for j in range(2)) / 4
+        sum(
+            math.exp(-float(((pooled[i] - pooled[j]) ** 2).sum()) / (pooled.shape[1] * tau))
+            for i in range(2)
+            for j in range(2)
+        )
+        / 4
     )
     assert A.dispersive_loss(ragged, tau=tau, reduce="mean").item() == pytest.approx(ref, abs=1e-5)
 
