@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -56,6 +57,8 @@ __all__ = [
     "time_grid",
     "flow_matching_loss",
     "FlowMatching",
+    "FlowSample",
+    "FlowStep",
     "sample_ode",
     "sample_sde",
     "guided_velocity",
@@ -386,6 +389,86 @@ class FlowMatching:
     def velocity(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
         """The network's output as a velocity (for sampling with an x0/eps-predicting network)."""
         return pred_to_velocity(pred, self.prediction, x_t, t, self.clamp)
+
+    def draw(
+        self,
+        x: Tensor,
+        eps: Tensor | None = None,
+        batch: Tensor | None = None,
+        num_items: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FlowSample:
+        """One training draw for data ``x``: per-item times, noise (``eps`` from a prior, else Gaussian), ``x_t``.
+
+        For a graph batch (``x[N_atoms, ...]``) pass ``batch[N_atoms]``: one time per graph, broadcast to its atoms.
+        """
+        if batch is None:
+            n = x.shape[0]
+        else:
+            n = int(batch.max()) + 1 if num_items is None else int(num_items)
+        t_dtype = torch.promote_types(x.dtype, torch.float32)
+        t = self.sample_time(n, generator=generator, device=x.device, dtype=t_dtype)  # [B]
+        t_in = t if batch is None else t[batch]  # what the network sees: per item, or per atom
+        if eps is None:
+            if generator is None:
+                eps = torch.randn_like(x)
+            else:
+                eps = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+        elif eps.shape != x.shape:
+            raise ValueError(f"FlowMatching.draw: noise shape {tuple(eps.shape)} != data shape {tuple(x.shape)}")
+        return FlowSample(x, eps, t, t_in, interpolate(x, eps, t_in), velocity_target(x, eps), batch, n)
+
+    def objective(
+        self,
+        x: Tensor,
+        model_fn: Callable[[FlowSample], Any],
+        eps: Tensor | None = None,
+        batch: Tensor | None = None,
+        num_items: int | None = None,
+        weight: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FlowStep:
+        """The whole flow-matching objective in one call: draw, run ``model_fn(sample)``, velocity loss.
+
+        ``model_fn`` returns the prediction, or ``(prediction, aux)`` where ``aux`` (hidden tokens for alignment,
+        extra heads) is handed back untouched in :attr:`FlowStep.aux`. The prediction may carry extra channels
+        (DiT's learned sigma): only its first ``x.shape[1]`` channels enter the loss.
+        """
+        sample = self.draw(x, eps=eps, batch=batch, num_items=num_items, generator=generator)
+        out = model_fn(sample)
+        pred, aux = out if isinstance(out, tuple) else (out, None)
+        if pred.dim() > 1 and pred.shape[1] != x.shape[1] and pred.shape[2:] == x.shape[2:]:
+            pred = pred[:, : x.shape[1]]  # learn_sigma: the velocity channels only
+        loss = self.loss(pred, sample.target, sample.x_t, sample.t_in, weight=weight, batch=batch, num_items=sample.n)
+        return FlowStep(loss=loss, pred=pred, aux=aux, sample=sample)
+
+
+@dataclass
+class FlowSample:
+    """One training draw: data ``x``, noise ``eps``, item times ``t[B]``, network times ``t_in``, ``x_t``, target."""
+
+    x: Tensor
+    eps: Tensor
+    t: Tensor
+    t_in: Tensor
+    x_t: Tensor
+    target: Tensor
+    batch: Tensor | None
+    n: int
+
+    def at(self, t: Tensor) -> Tensor:
+        """The same data and noise interpolated at other item times ``t[B]`` (an EMA target's less noisy input)."""
+        return interpolate(self.x, self.eps, t if self.batch is None else t[self.batch])
+
+
+@dataclass
+class FlowStep:
+    """What :meth:`FlowMatching.objective` returns: the loss, the prediction, the model's ``aux`` and the draw."""
+
+    loss: Tensor
+    pred: Tensor
+    aux: Any
+    sample: FlowSample
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -530,3 +530,33 @@ def test_cfg_in_sampler_is_deterministic():
     a = sample_ode(v, x1, steps=5, method="heun")
     b = sample_ode(v, x1, steps=5, method="heun")
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+def test_objective_is_the_hand_written_step_and_supports_graph_batches():
+    from unirep.flow import FlowMatching, interpolate
+
+    fm = FlowMatching(time_dist="logit_normal", shift=2.0)
+    x = torch.randn(5, 3, 4, 4)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    lin = torch.nn.Conv2d(3, 6, 1)  # 6 output channels: DiT's learned sigma, sliced to the velocity channels
+
+    def model_fn(s):
+        return lin(s.x_t) * s.t_in.view(-1, 1, 1, 1), "aux"
+
+    step = fm.objective(x, model_fn, generator=g1)
+    t = fm.sample_time(5, generator=g2)
+    eps = torch.randn(x.shape, generator=g2)
+    x_t = interpolate(x, eps, t)
+    pred = (lin(x_t) * t.view(-1, 1, 1, 1))[:, :3]
+    ref = ((pred - (eps - x)) ** 2).mean(dim=(1, 2, 3)).mean()
+    assert step.aux == "aux" and torch.allclose(step.loss, ref) and torch.allclose(step.sample.t, t)
+    assert torch.allclose(step.sample.at(step.sample.t), step.sample.x_t)
+    # a graph batch: one time per molecule broadcast to its atoms, the loss averaged per molecule
+    batch = torch.tensor([0, 0, 0, 1])
+    pos = torch.randn(4, 3)
+    s = fm.objective(pos, lambda s: torch.zeros_like(s.x_t), batch=batch)
+    assert s.sample.t.shape == (2,) and torch.equal(s.sample.t_in, s.sample.t[batch])
+    per_atom = (s.sample.target**2).mean(1)
+    assert torch.allclose(s.loss, torch.stack([per_atom[:3].mean(), per_atom[3]]).mean())
+    with pytest.raises(ValueError, match="noise shape"):
+        fm.draw(pos, eps=torch.randn(3, 3), batch=batch)
