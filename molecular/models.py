@@ -29,10 +29,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from molecular.data import GraphBatch, Structure
+from molecular.data import GraphBatch, Structure, fit_atomic_energies, species_index, z_lookup
 from unirep.tokens import TokenSet
 
-__all__ = ["default_dtype", "import_mace", "MACEModel", "fit_atomic_energies", "fit_scale_shift", "resolve_dtype"]
+__all__ = [
+    "default_dtype",
+    "import_mace",
+    "MACEModel",
+    "fit_atomic_energies",
+    "fit_scale_shift",
+    "energy_forces_loss",
+    "resolve_dtype",
+]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -84,23 +92,6 @@ def import_mace():
 _GATES = {"silu": torch.nn.functional.silu, "tanh": torch.tanh, "none": None}
 
 
-def fit_atomic_energies(structures: Sequence[Structure], z_table: Sequence[int]) -> list[float]:
-    """Per-element reference energies E0 by least squares of total energy on element counts (MACE's
-    ``E0s="average"``), so the network only learns the interaction energy."""
-    z_index = {int(z): k for k, z in enumerate(z_table)}
-    counts = np.zeros((len(structures), len(z_table)))
-    energy = np.zeros(len(structures))
-    for i, s in enumerate(structures):
-        if s.energy is None:
-            raise ValueError(f"{s.source or s.id}: no energy label; E0 fitting needs labelled structures")
-        for z in s.numbers:
-            counts[i, z_index[int(z)]] += 1
-        energy[i] = s.energy
-    # lstsq gives the minimum-norm answer when elements always co-occur in fixed ratios (one molecule)
-    e0, *_ = np.linalg.lstsq(counts, energy, rcond=None)
-    return [float(v) for v in e0]
-
-
 def fit_scale_shift(
     structures: Sequence[Structure], z_table: Sequence[int], atomic_energies: Sequence[float]
 ) -> tuple[float, float]:
@@ -113,6 +104,25 @@ def fit_scale_shift(
         forces.append(s.forces.reshape(-1))
     rms = float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
     return (rms if rms > 1e-8 else 1.0), float(np.mean(per_atom))
+
+
+def energy_forces_loss(
+    pred_energy: Tensor,
+    pred_forces: Tensor,
+    energy: Tensor,
+    forces: Tensor,
+    num_atoms: Tensor,
+    energy_weight: float,
+    forces_weight: float,
+    scale: float = 1.0,
+) -> dict[str, Tensor]:
+    """MACE's WeightedEnergyForcesLoss (ACEsuit/mace ``mace/modules/loss.py``): ``λ_E · mean_b ((E_b - Ê_b) /
+    N_b)^2 + λ_F · mean over all force components (F - F̂)^2``, both errors divided by ``scale`` first (a force
+    RMS, to train on unit-scale errors)."""
+    dtype = pred_energy.dtype
+    loss_e = ((((energy.to(dtype) - pred_energy) / num_atoms.to(dtype)) / scale) ** 2).mean()
+    loss_f = (((forces.to(pred_forces.dtype) - pred_forces) / scale) ** 2).mean()
+    return {"loss": energy_weight * loss_e + forces_weight * loss_f, "loss/energy": loss_e, "loss/forces": loss_f}
 
 
 class MACEModel(nn.Module):
@@ -225,9 +235,7 @@ class MACEModel(nn.Module):
                 keep_last_layer_irreps=keep_last_layer_irreps,
             )
         self.mace.to(self.dtype)
-        lookup = torch.full((119,), -1, dtype=torch.long)
-        lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
-        self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("z_lookup", z_lookup(self.z_table), persistent=False)
         self.register_buffer("avg_num_neighbors", torch.tensor(float(avg_num_neighbors), dtype=torch.float64))
         self.register_load_state_dict_post_hook(self._sync_avg_num_neighbors)
         self.r_max = float(r_max)
@@ -253,9 +261,7 @@ class MACEModel(nn.Module):
         self.dtype = next(mace_module.parameters()).dtype
         self.r_max = float(mace_module.r_max)
         self.config = {}  # not rebuildable from arguments: save it as a whole-model file or in the project format
-        lookup = torch.full((119,), -1, dtype=torch.long)
-        lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
-        self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("z_lookup", z_lookup(self.z_table), persistent=False)
         self.register_buffer(
             "avg_num_neighbors", torch.tensor(float(mace_module.interactions[0].avg_num_neighbors), dtype=torch.float64)
         )
@@ -309,10 +315,7 @@ class MACEModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def _inputs(self, batch: GraphBatch) -> dict[str, Tensor]:
-        idx = self.z_lookup.to(batch.numbers.device)[batch.numbers]
-        if (idx < 0).any():
-            bad = sorted(set(batch.numbers[idx < 0].tolist()))
-            raise ValueError(f"element(s) {bad} not in the model's z_table {self.z_table}")
+        idx = species_index(self.z_lookup, batch.numbers, self.z_table)
         node_attrs = torch.nn.functional.one_hot(idx, len(self.z_table)).to(self.dtype)
         return {
             "positions": batch.positions.to(self.dtype).clone(),  # MACE sets requires_grad on this tensor

@@ -1,13 +1,9 @@
-"""Self-contained molecular quick start: data made on first use, and the project's own pre-trained teacher.
+"""The MACE-REPA quick start's teacher: the project's own pre-trained "foundation" MACE, made on first use.
 
-No weights or data can be downloaded here, so the MACE-REPA quick start makes what it needs when missing:
-
-- :func:`ensure_md_set`: a narrow rMD17-style MD set of one molecule (GFN2-xTB Langevin MD via ``tblite``);
-- :func:`ensure_broad_set`: a broad pre-training set over small organic molecules (QM9 from ``qm9pack`` when it
-  is installed, else rdkit-made conformers), with the narrow-set molecules held out;
-- :func:`foundation_teacher`: a small "foundation" MACE pre-trained on the broad set (a few minutes on CPU) and
-  saved in the project's MACE format; later runs load it. A larger one trained with
-  ``unirep-train experiment=molecular/foundation`` loads through the same :func:`molecular.teachers.mace_teacher`.
+No weights can be downloaded here, so :func:`foundation_teacher` pre-trains a small MACE on the broad set
+(:func:`molecular.data.ensure_broad_set`, made first when missing) in a few minutes on CPU and saves it in the
+project's MACE format; later runs load it. A larger one trained with ``unirep-train experiment=molecular/foundation``
+loads through the same :func:`molecular.teachers.mace_teacher`.
 """
 
 from __future__ import annotations
@@ -18,215 +14,17 @@ from pathlib import Path
 
 import torch
 
-from molecular.data import (
-    AtomsDataset,
-    Structure,
-    collate_graphs,
-    label_structures,
-    langevin_md,
-    read_structures,
-    structures_from_smiles,
-    thermal_displacements,
-    write_extxyz,
-)
+from molecular.data import AtomsDataset, collate_graphs, ensure_broad_set, read_structures
 from molecular.models import MACEModel
+from molecular.task import MaceTask
 from molecular.teachers.mace import mace_teacher, random_mace_teacher, save_mace_model
 from unirep.encoders import FrozenEncoder
 
-__all__ = ["NARROW", "FALLBACK_SMILES", "ensure_md_set", "ensure_broad_set", "pretrain_mace", "foundation_teacher"]
-
-NARROW = {  # rMD17's molecules, as SMILES
-    "ethanol": "CCO",
-    "malonaldehyde": "O=CCC=O",
-    "benzene": "c1ccccc1",
-    "toluene": "Cc1ccccc1",
-    "uracil": "O=c1cc[nH]c(=O)[nH]1",
-    "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
-}
-
-# the broad set without qm9pack: small H/C/N/O/F molecules, QM9-like
-FALLBACK_SMILES = [
-    "C",
-    "N",
-    "O",
-    "CC",
-    "CN",
-    "CO",
-    "CF",
-    "C=C",
-    "C#C",
-    "C=O",
-    "C#N",
-    "CCC",
-    "CCN",
-    "CC=O",
-    "CC#N",
-    "COC",
-    "CC(C)C",
-    "CC(C)O",
-    "CC(=O)O",
-    "CC(=O)N",
-    "NC=O",
-    "OC=O",
-    "C1CC1",
-    "C1CO1",
-    "C1CN1",
-    "C1CCC1",
-    "C1CCO1",
-    "CCCC",
-    "CCCO",
-    "CCCN",
-    "CCOC",
-    "CC(C)=O",
-    "CC=CC",
-    "C=CC=C",
-    "C=CC#N",
-    "CC#CC",
-    "OCCO",
-    "NCCO",
-    "NCCN",
-    "CC(N)C",
-    "CC(O)C=O",
-    "O=CC=O",
-    "CCC=O",
-    "CCC#N",
-    "FC(F)F",
-    "CC(F)F",
-    "OC(F)C",
-    "c1ccoc1",
-    "c1cc[nH]c1",
-    "c1ccncc1",
-    "c1cnccn1",
-    "c1cncnc1",
-    "C1CCCC1",
-    "C1CCOC1",
-    "C1CCNC1",
-    "CC1CC1",
-    "CCCCC",
-    "CCCCO",
-    "CC(C)CO",
-    "CC(C)(C)O",
-    "CN(C)C",
-    "CNC=O",
-    "CN(C)C=O",
-    "COC=O",
-    "CCOC=O",
-    "NC(=O)N",
-    "CC(=N)N",
-    "N#CC#N",
-    "OC1CC1",
-    "C1=CCC=C1",
-    "C1=CC=CC1",
-    "O=C1CCC1",
-    "O=C1CCO1",
-    "CC(=O)C=C",
-    "C=CC=O",
-    "C=CCO",
-    "C=CCN",
-    "CC=NO",
-]
+__all__ = ["pretrain_mace", "foundation_teacher"]
 
 
 def _log(msg: str) -> None:
     print(f"[molecular.quickstart] {msg}", flush=True)
-
-
-def ensure_md_set(
-    path: str | Path,
-    molecule: str = "ethanol",
-    frames: int = 200,
-    interval: int = 10,
-    temperature: float = 500.0,
-    seed: int = 0,
-    calculator: str = "gfn2",
-) -> Path:
-    """Write a GFN2-xTB Langevin-MD set of ``molecule`` to ``path`` unless it exists."""
-    path = Path(path)
-    if path.exists():
-        return path
-    if molecule not in NARROW:
-        raise ValueError(f"molecule {molecule!r}: use one of {sorted(NARROW)}")
-    t0 = time.time()
-    _log(f"{path} missing: running {frames * interval} steps of {calculator} Langevin MD of {molecule} ...")
-    start = structures_from_smiles([NARROW[molecule]], num_confs=1, seed=seed, names=[molecule])[0]
-    out = langevin_md(
-        start,
-        frames,
-        calculator=calculator,
-        temperature=temperature,
-        timestep_fs=0.5,
-        interval=interval,
-        seed=seed,
-        prefix=molecule,
-    )
-    write_extxyz(out, path)
-    _log(f"wrote {len(out)} frames to {path} in {time.time() - t0:.0f} s")
-    return path
-
-
-def qm9_structures(num: int, seed: int, exclude: Sequence[str] = ()) -> list[Structure] | None:
-    """``num`` QM9 molecules (reference geometries) from the ``qm9pack`` wheel, or ``None`` without it."""
-    try:
-        import qm9pack
-    except ImportError:
-        return None
-    import ast
-    import os
-
-    import numpy as np
-    import pandas as pd
-    from ase.data import atomic_numbers
-    from rdkit import Chem
-
-    skip = {Chem.CanonSmiles(s) for s in exclude}
-    folder = os.path.join(os.path.dirname(qm9pack.__file__), "data")
-    df = pd.read_csv(os.path.join(folder, "qm9_part1.csv"), usecols=["Index", "SMILES", "Elements", "XYZ_Ang"])
-    out: list[Structure] = []
-    for k in np.random.default_rng(seed).permutation(len(df)):
-        row = df.iloc[int(k)]
-        mol = Chem.MolFromSmiles(row["SMILES"])
-        if mol is None or Chem.MolToSmiles(mol) in skip:
-            continue
-        numbers = [atomic_numbers[e] for e in ast.literal_eval(row["Elements"])]
-        pos = np.array(ast.literal_eval(row["XYZ_Ang"]), dtype=np.float64)
-        out.append(Structure(numbers, pos, id=f"qm9/{int(row['Index'])}", source=f"qm9pack:{int(row['Index'])}"))
-        if len(out) >= num:
-            break
-    return out
-
-
-def broad_structures(
-    num_molecules: int, displacements: int, seed: int, calculator: str = "gfn2"
-) -> tuple[list[Structure], str]:
-    """The broad set: molecules (narrow-set molecules held out) plus thermal displacements, labelled."""
-    from rdkit import Chem
-
-    base = qm9_structures(num_molecules, seed, exclude=list(NARROW.values()))
-    origin = "qm9pack"
-    if base is None:
-        origin = "rdkit-enumerated"
-        held_out = {Chem.CanonSmiles(s) for s in NARROW.values()}
-        smiles = [s for s in FALLBACK_SMILES if Chem.CanonSmiles(s) not in held_out][:num_molecules]
-        base = structures_from_smiles(smiles, num_confs=1, seed=seed, names=[f"mol{k}" for k in range(len(smiles))])
-    frames: list[Structure] = []
-    for k, s in enumerate(base):
-        frames.append(s)
-        frames.extend(thermal_displacements(s, displacements, sigma=0.04, seed=seed + k, prefix=s.id))
-    return label_structures(frames, calculator), origin
-
-
-def ensure_broad_set(
-    path: str | Path, num_molecules: int = 300, displacements: int = 1, seed: int = 0, calculator: str = "gfn2"
-) -> Path:
-    path = Path(path)
-    if path.exists():
-        return path
-    t0 = time.time()
-    _log(f"{path} missing: labelling {num_molecules} molecules x {displacements + 1} geometries with {calculator} ...")
-    frames, origin = broad_structures(num_molecules, displacements, seed, calculator)
-    write_extxyz(frames, path)
-    _log(f"wrote {len(frames)} structures ({origin}) to {path} in {time.time() - t0:.0f} s")
-    return path
 
 
 def pretrain_mace(
@@ -244,12 +42,10 @@ def pretrain_mace(
 
     The full recipe runs through the trainer: ``unirep-train experiment=molecular/foundation``.
     """
-    from molecular.task import MaceTask
-
     torch.manual_seed(seed)
     model = MACEModel(z_table, **model_kwargs)
-    task = MaceTask(model, energy_weight=energy_weight, forces_weight=forces_weight, statistics_from=str(train))
     ds = AtomsDataset(read_structures(train), r_max=model.r_max, z_table=z_table, require_labels=True)
+    task = MaceTask(model, energy_weight=energy_weight, forces_weight=forces_weight, statistics_from=ds)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)

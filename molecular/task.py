@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +28,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from molecular.data import AtomsDataset, GraphBatch, StructureError, collate_graphs, load_dataset, split_indices
-from molecular.models import MACEModel, fit_atomic_energies, fit_scale_shift
+from molecular.data import (
+    AtomsDataset,
+    GraphBatch,
+    StructureError,
+    collate_graphs,
+    generate_set,
+    load_dataset,
+    train_val_split,
+)
+from molecular.models import MACEModel, energy_forces_loss, fit_atomic_energies, fit_scale_shift
 from unirep.align import Aligner, ProjectorMLP, StopAtStep, token_cosine
 from unirep.encoders import FrozenEncoder
 from unirep.tokens import TokenSet
 from unirep.train.data import DataModule, Task
 
 __all__ = ["MaceTask", "mace_data", "energy_forces_loss", "prediction_metrics", "alignment_floor"]
-
-
-def energy_forces_loss(
-    pred_energy: Tensor,
-    pred_forces: Tensor,
-    energy: Tensor,
-    forces: Tensor,
-    num_atoms: Tensor,
-    energy_weight: float,
-    forces_weight: float,
-) -> dict[str, Tensor]:
-    """MACE's WeightedEnergyForcesLoss (per-atom energy error, all force components)."""
-    dtype = pred_energy.dtype
-    loss_e = (((energy.to(dtype) - pred_energy) / num_atoms.to(dtype)) ** 2).mean()
-    loss_f = ((forces.to(pred_forces.dtype) - pred_forces) ** 2).mean()
-    return {"loss": energy_weight * loss_e + forces_weight * loss_f, "loss/energy": loss_e, "loss/forces": loss_f}
 
 
 def mace_data(
@@ -76,28 +68,12 @@ def mace_data(
     """
     train_path = Path(train)
     if not train_path.exists() and generate:
-        from molecular.quickstart import ensure_broad_set, ensure_md_set
-
-        spec = dict(generate)
-        kind = spec.pop("kind", "md")
-        if kind not in ("md", "broad"):
-            raise ValueError(f"data.generate.kind={kind!r}: use 'md' (one molecule's MD) or 'broad' (many molecules)")
-        (ensure_md_set if kind == "md" else ensure_broad_set)(train_path, **spec)
-    ds = load_dataset(train_path, r_max=r_max, z_table=z_table, require_labels=True, cache_dir=cache_dir)
-    if val is not None:
-        val_ds = load_dataset(val, r_max=r_max, z_table=z_table, require_labels=True, cache_dir=cache_dir)
-        train_idx = list(range(len(ds)))
-    else:
-        n_v = n_val if n_val is not None else max(1, int(round(val_fraction * len(ds))))
-        val_idx, train_idx = split_indices(len(ds), sizes=[n_v, len(ds) - n_v], seed=seed)
-        val_ds = ds.subset(val_idx)
-    if n_train is not None:
-        if n_train > len(train_idx):
-            raise StructureError(f"{train}: n_train={n_train} but only {len(train_idx)} training structures remain")
-        keep = split_indices(len(train_idx), sizes=[n_train], seed=seed + 1)[0]
-        train_idx = [train_idx[i] for i in keep]
+        generate_set(train_path, **dict(generate))
+    train_ds, val_ds = train_val_split(
+        train_path, val, r_max, z_table, n_train, n_val, val_fraction, seed, cache_dir=cache_dir
+    )
     info = {"r_max": float(r_max), "z_table": None if z_table is None else list(z_table), "train_file": str(train)}
-    return DataModule(train=ds.subset(train_idx), val=val_ds, collate_fn=collate_graphs, info=info)
+    return DataModule(train=train_ds, val=val_ds, collate_fn=collate_graphs, info=info)
 
 
 @torch.no_grad()
@@ -223,8 +199,12 @@ class MaceTask(Task):
     Args:
         model: the :class:`MACEModel` student.
         energy_weight / forces_weight: λ_E, λ_F of the loss (MACE-OFF23: 40 / 1000; MACE default 1 / 100).
-        statistics_from: a training file: E0s (least squares), ScaleShift and the mean neighbour count are fitted
-            on it when the task is built (MACE's ``E0s="average"``, ``scaling="rms_forces_scaling"``).
+        statistics_from: the training data the E0s (least squares), ScaleShift and the mean neighbour count are
+            fitted on when the task is built (MACE's ``E0s="average"``, ``scaling="rms_forces_scaling"``): a
+            mapping of :func:`molecular.data.train_val_split` arguments (``train``, ``val``, ``n_train``, ``n_val``,
+            ``val_fraction``, ``seed``: the recipes pass the data config's, so only the training split counts,
+            never the validation frames), a :class:`~unirep.train.DataModule` (its ``train``), an
+            :class:`~molecular.data.AtomsDataset`, or a file path (every structure in it).
         teacher: a frozen atomistic teacher (``FrozenEncoder``); enables MACE-REPA when ``align_weight > 0``.
         align_layer: the interaction whose node features are aligned (``0``: the first).
         align_invariant: align only the scalar (``0e``) channels (rotation-invariant, like the teacher's).
@@ -232,7 +212,7 @@ class MaceTask(Task):
         projector_hidden / projector_layers: the MLP projector's width and number of Linear layers.
         eval_batch_size: batch size in :meth:`evaluate`.
         baseline_steps: optimisation steps of the fresh projectors in the alignment floor (0: skip it).
-        cache_dir: processed-data cache used when reading ``statistics_from``.
+        cache_dir: processed-data cache used when ``statistics_from`` names files.
         teacher_cache: read teacher features from the per-structure cache (False: recompute every step, for timing).
     """
 
@@ -241,7 +221,7 @@ class MaceTask(Task):
         model: MACEModel,
         energy_weight: float = 1.0,
         forces_weight: float = 100.0,
-        statistics_from: str | None = None,
+        statistics_from: str | os.PathLike | Mapping[str, Any] | DataModule | AtomsDataset | None = None,
         teacher: FrozenEncoder | None = None,
         align_layer: int = 0,
         align_invariant: bool = True,
@@ -263,7 +243,7 @@ class MaceTask(Task):
         self.baseline_steps = int(baseline_steps)
         self.cache_dir = cache_dir
         self.teacher_cache = bool(teacher_cache)
-        if statistics_from:
+        if statistics_from is not None and not (isinstance(statistics_from, str) and not statistics_from):
             self.fit_statistics(statistics_from)
         self.teacher = teacher
         self.aligner: Aligner | None = None
@@ -275,17 +255,34 @@ class MaceTask(Task):
             projector = ProjectorMLP(in_dim, teacher.dim, hidden_dim=projector_hidden, num_layers=projector_layers)
             self.aligner = Aligner(projector, loss=align_loss, weight=align_weight, schedule=schedule)
 
-    def fit_statistics(self, path: str | os.PathLike) -> None:
-        if not Path(path).exists():
-            # a checkpoint being rebuilt elsewhere: its saved buffers hold the statistics
-            warnings.warn(
-                f"statistics_from={path} not found: E0s/scale/shift stay as given (or as loaded from a checkpoint)",
-                stacklevel=2,
-            )
-            return
-        ds = load_dataset(
-            path, r_max=self.model.r_max, z_table=self.model.z_table, require_labels=True, cache_dir=self.cache_dir
-        )
+    def fit_statistics(self, source: str | os.PathLike | Mapping[str, Any] | DataModule | AtomsDataset) -> None:
+        """Fit E0s, ScaleShift and the mean neighbour count on the training structures of ``source`` (see
+        ``statistics_from``) and set them on the model."""
+        if isinstance(source, DataModule):
+            ds = source.train
+        elif isinstance(source, AtomsDataset):
+            ds = source
+        else:
+            path = source.get("train") if isinstance(source, Mapping) else source
+            if path is None or not Path(path).exists():
+                # a checkpoint being rebuilt elsewhere: its saved buffers hold the statistics
+                warnings.warn(
+                    f"statistics_from: {path} not found: E0s/scale/shift stay as given (or as loaded from a "
+                    "checkpoint)",
+                    stacklevel=2,
+                )
+                return
+            if isinstance(source, Mapping):
+                spec = {"r_max": self.model.r_max, "z_table": self.model.z_table, "cache_dir": self.cache_dir}
+                ds, _ = train_val_split(**{**spec, **source})
+            else:  # a file of training structures: all of it
+                ds = load_dataset(
+                    path,
+                    r_max=self.model.r_max,
+                    z_table=self.model.z_table,
+                    require_labels=True,
+                    cache_dir=self.cache_dir,
+                )
         e0 = fit_atomic_energies(ds.structures, self.model.z_table)
         scale, shift = fit_scale_shift(ds.structures, self.model.z_table, e0)
         neighbours = float(np.mean([g.edge_index.shape[1] / max(1, g.numbers.numel()) for g in ds.graphs]))

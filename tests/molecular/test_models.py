@@ -142,3 +142,49 @@ def test_statistics_fit_exact_linear_energies():
     np.testing.assert_allclose(pred, [s.energy for s in structs], atol=0.2)
     scale, shift = fit_scale_shift(structs, [1, 6, 8], [e0[1], e0[6], e0[8]])
     assert scale == pytest.approx(0.5) and shift == pytest.approx(np.mean([0.1 / len(s) for s in structs]))
+
+
+def test_statistics_come_from_the_training_split_only(tmp_path):
+    """E0s, scale/shift and neighbours are fitted on mace_data's training split: validation frames whose energies
+    would move the E0s (shifted by 50 eV here) do not reach them, and neither do frames n_train leaves out."""
+    from dataclasses import replace
+
+    from molecular.data import train_val_split, write_extxyz
+    from molecular.task import MaceTask, mace_data
+
+    frames = read_structures(SAMPLE / "md_ethanol.extxyz")[:16]
+    write_extxyz(frames, tmp_path / "clean.extxyz")
+    split = {"n_val": 4, "n_train": 8, "seed": 3}
+    train_ids = {s.id for s in train_val_split(tmp_path / "clean.extxyz", r_max=R_MAX, **split)[0].structures}
+    moved = [s if s.id in train_ids else replace(s, energy=s.energy + 50.0) for s in frames]
+    path = tmp_path / "moved.extxyz"
+    write_extxyz(moved, path)
+
+    data = mace_data(str(path), r_max=R_MAX, z_table=[1, 6, 8], cache_dir=None, **split)
+    assert {s.id for s in data.train.structures} == train_ids and len(data.val) == 4
+    train_frames = [s for s in moved if s.id in train_ids]
+
+    def e0s(statistics_from):
+        torch.manual_seed(0)
+        model = MACEModel(
+            [1, 6, 8],
+            r_max=R_MAX,
+            num_channels=4,
+            max_L=0,
+            num_interactions=1,
+            max_ell=1,
+            correlation=1,
+            radial_mlp=(8,),
+            mlp_irreps="4x0e",
+            dtype="float64",
+        )
+        MaceTask(model, statistics_from=statistics_from)
+        return np.array(model.config["atomic_energies"]), model.config["shift"]
+
+    expected = np.array(fit_atomic_energies(train_frames, [1, 6, 8]))
+    for source in ({"train": str(path), **split}, data):  # the recipe's mapping, or the DataModule itself
+        e0, shift = e0s(source)
+        np.testing.assert_allclose(e0, expected, atol=1e-9)
+        assert shift == pytest.approx(fit_scale_shift(train_frames, [1, 6, 8], list(expected))[1], abs=1e-9)
+    whole, _ = e0s(str(path))  # a plain file: every frame of it, validation included
+    assert np.abs(whole - expected).max() > 1.0

@@ -1,0 +1,121 @@
+"""Labels without downloads, and the per-element reference energies fitted on labels.
+
+:func:`label_structures` runs any ASE calculator; the default is GFN2-xTB through ``tblite`` (Bannwarth, Ehlert,
+Grimme, JCTC 2019), the cheap option rdkit MMFF94 (:class:`MMFFCalculator`). :func:`fit_atomic_energies` is the
+least-squares E0 fit (MACE's ``E0s="average"``) every model of the project uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from .structure import Structure, StructureError
+
+__all__ = ["MMFFCalculator", "make_calculator", "resolve_calculator", "label_structures", "fit_atomic_energies"]
+
+
+class MMFFCalculator(Calculator):
+    """rdkit MMFF94 energies (eV) and analytic forces (eV/Å) as an ASE calculator.
+
+    Bonds are perceived from the geometry the first time (rdkit ``DetermineBonds``) or given as an rdkit mol.
+    Cheap; for sampling and pre-optimisation more than for labels.
+    """
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, mol=None, charge: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self._mol = mol
+        self.charge = charge
+
+    def _molecule(self, atoms):
+        from rdkit import Chem
+        from rdkit.Chem import rdDetermineBonds
+        from rdkit.Geometry import Point3D
+
+        if self._mol is None or self._mol.GetNumAtoms() != len(atoms):
+            rw = Chem.RWMol()
+            for z in atoms.get_atomic_numbers():
+                rw.AddAtom(Chem.Atom(int(z)))
+            conf = Chem.Conformer(len(atoms))
+            for k, p in enumerate(atoms.get_positions()):
+                conf.SetAtomPosition(k, Point3D(*map(float, p)))
+            mol = rw.GetMol()
+            mol.AddConformer(conf, assignId=True)
+            rdDetermineBonds.DetermineBonds(mol, charge=self.charge)
+            self._mol = mol
+        return self._mol
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from ase.units import kcal
+        from ase.units import mol as mol_unit
+        from rdkit.Chem import AllChem
+
+        super().calculate(atoms, properties, system_changes)
+        mol = self._molecule(self.atoms)
+        props = AllChem.MMFFGetMoleculeProperties(mol)
+        if props is None:
+            raise StructureError("MMFF94 has no parameters for this molecule; use the GFN2-xTB labeller")
+        ff = AllChem.MMFFGetMoleculeForceField(mol, props)
+        pos = self.atoms.get_positions().reshape(-1).tolist()
+        to_ev = kcal / mol_unit  # kcal/mol -> eV
+        self.results["energy"] = ff.CalcEnergy(pos) * to_ev
+        self.results["forces"] = -np.asarray(ff.CalcGrad(pos)).reshape(-1, 3) * to_ev
+
+
+def make_calculator(name: str = "gfn2", **kwargs):
+    """An ASE calculator by name: ``gfn2`` / ``gfn1`` (tblite xTB), ``mmff`` (rdkit MMFF94)."""
+    if name in ("gfn2", "gfn1"):
+        from tblite.ase import TBLite
+
+        return TBLite(method="GFN2-xTB" if name == "gfn2" else "GFN1-xTB", verbosity=0, **kwargs)
+    if name == "mmff":
+        return MMFFCalculator(**kwargs)
+    raise ValueError(f"unknown calculator {name!r}: use 'gfn2', 'gfn1', 'mmff' or pass an ASE calculator object")
+
+
+def resolve_calculator(calculator: Any):
+    """A calculator from its name (see :func:`make_calculator`), or the calculator object itself."""
+    return make_calculator(calculator) if isinstance(calculator, str) else calculator
+
+
+def label_structures(structures: Sequence[Structure], calculator: Any = "gfn2") -> list[Structure]:
+    """Energies and forces from an ASE calculator (name or object, or a zero-arg factory) for every structure."""
+    calc = (
+        calculator()
+        if callable(calculator) and not hasattr(calculator, "get_potential_energy")
+        else resolve_calculator(calculator)
+    )
+    out = []
+    for k, s in enumerate(structures):
+        atoms = s.to_atoms()
+        atoms.calc = calc
+        try:
+            energy = float(atoms.get_potential_energy())
+            forces = np.asarray(atoms.get_forces())
+        except Exception as err:
+            raise StructureError(f"{s.source or s.id or k}: labelling failed ({err})") from err
+        out.append(replace(s, energy=energy, forces=forces))
+    return out
+
+
+def fit_atomic_energies(structures: Sequence[Structure], z_table: Sequence[int]) -> list[float]:
+    """Per-element reference energies E0 by least squares of total energy on element counts (MACE's
+    ``E0s="average"``), so the network only learns the interaction energy."""
+    z_index = {int(z): k for k, z in enumerate(z_table)}
+    counts = np.zeros((len(structures), len(z_table)))
+    energy = np.zeros(len(structures))
+    for i, s in enumerate(structures):
+        if s.energy is None:
+            raise ValueError(f"{s.source or s.id}: no energy label; E0 fitting needs labelled structures")
+        for z in s.numbers:
+            counts[i, z_index[int(z)]] += 1
+        energy[i] = s.energy
+    # lstsq gives the minimum-norm answer when elements always co-occur in fixed ratios (one molecule)
+    e0, *_ = np.linalg.lstsq(counts, energy, rcond=None)
+    return [float(v) for v in e0]
