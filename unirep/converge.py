@@ -32,11 +32,12 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from omegaconf import MISSING
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -71,7 +72,10 @@ class LayeredEncoder(Protocol):
 
 
 def encode_layers(encoder: Any, sample: Any) -> list[TokenSet]:
-    """Token sets of every layer the encoder exposes (fallback: ``[encoder.encode(sample)]``)."""
+    """Token sets of every layer the encoder exposes: ``forward_intermediates(sample, None)`` (the one contract,
+    :mod:`unirep.intermediates`), else ``[encoder.encode(sample)]`` for single-output encoders (descriptors)."""
+    if hasattr(encoder, "forward_intermediates"):
+        return list(encoder.forward_intermediates(sample, None)[1])
     if hasattr(encoder, "encode_layers"):
         return list(encoder.encode_layers(sample))
     return [encoder.encode(sample)]
@@ -570,10 +574,41 @@ def write_outputs(
 # the command
 # ---------------------------------------------------------------------------------------------------------------
 _MODEL_KEYS = {"name", "encoder", "layers", "quality", "optional", "sweep", "batch_size"}
-_TOP_KEYS = {
-    "name", "out_dir", "cache_dir", "seed", "data", "models", "levels", "metrics", "preprocess", "max_tokens",
-    "min_group_tokens", "anchors", "batch_size", "quality_name", "higher_is_better", "progress", "threads", "defs",
-}  # fmt: skip
+
+
+@dataclass
+class ConvergeConfig:
+    """Schema of ``unirep-converge`` (``configs/converge/*.yaml`` start with ``defaults: [base_converge, _self_]``),
+    so a misspelt top-level or model key stops at start-up with its name, as in ``unirep-train``."""
+
+    name: str = "study"
+    out_dir: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    threads: int = 0
+    progress: bool = True
+    defs: Any = None
+    data: Any = MISSING
+    levels: list[str] = field(default_factory=lambda: ["item"])
+    metrics: list[Any] = field(default_factory=lambda: ["mutual_knn"])
+    preprocess: Any = field(default_factory=lambda: {"clamp_quantile": 0.95, "normalize": True})
+    max_tokens: int | None = 4000
+    min_group_tokens: int = 20
+    anchors: int = 0
+    batch_size: int = 32
+    quality_name: str = "quality"
+    higher_is_better: bool = False
+    # each entry is checked by expand_models (name, encoder, sweep, layers, optional, batch_size, quality)
+    models: list[Any] = field(default_factory=list)
+
+
+def register_converge_config() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_converge", node=ConvergeConfig)
+
+
+_TOP_KEYS = {f.name for f in fields(ConvergeConfig)}
 
 
 def expand_models(models: Sequence[Any]) -> list[dict[str, Any]]:
@@ -627,16 +662,29 @@ def _model_quality(spec: dict[str, Any], encoder: Any) -> float | None:
     return float(q) if isinstance(q, int | float) else None
 
 
-def run_convergence(cfg: Any) -> dict[str, Any]:
-    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare, write."""
-    from hydra.utils import instantiate
+def _validated(cfg: Any) -> Any:
+    """The config merged onto :class:`ConvergeConfig`: a misspelt or mistyped key raises with its name."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     if not OmegaConf.is_config(cfg):
         cfg = OmegaConf.create(cfg)
     unknown = set(cfg.keys()) - _TOP_KEYS - {"hydra"}
     if unknown:
         raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    try:
+        return OmegaConf.merge(OmegaConf.structured(ConvergeConfig), body)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"unirep-converge config: {err}") from err
+
+
+def run_convergence(cfg: Any) -> dict[str, Any]:
+    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare, write."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _validated(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     levels = list(cfg.get("levels", ["item"]))
@@ -714,6 +762,8 @@ def main() -> None:
 
     default_dir = Path(__file__).resolve().parents[1] / "configs" / "converge"
     config_dir = os.environ.get("UNIREP_CONVERGE_CONFIGS") or str(default_dir)
+
+    register_converge_config()
 
     @hydra.main(version_base=None, config_path=config_dir, config_name="molecular_quick")
     def _app(cfg: Any) -> None:

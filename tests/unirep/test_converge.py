@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +339,23 @@ def test_group_centre_and_sweep_expansion():
     }
     with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
         expand_models([{"name": "a", "encoder": {}}, {"name": "a", "encoder": {}}])
+
+
+def test_converge_configs_have_a_schema_that_names_a_misspelt_key():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from unirep.converge import register_converge_config
+
+    register_converge_config()
+    configs = Path(__file__).resolve().parents[2] / "configs" / "converge"
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        for name in ("molecular_quick", "molecular_study"):
+            cfg = compose(name)
+            assert cfg.models and cfg.levels
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("molecular_quick", ["anchorz=4"])
+        assert "anchorz" in str(err.value) + str(err.value.__cause__)
+        with pytest.raises(ConfigCompositionException) as err:
+            compose("molecular_quick", ["anchors=many"])
+        assert "anchors" in str(err.value) + str(err.value.__cause__)
