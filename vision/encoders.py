@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +214,7 @@ class TimmViTEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor) -> TokenSet:
         """Patch tokens ``B * grid_size**2`` of size ``dim`` (class and register tokens dropped)."""
-        tokens = self._features(images)[:, self.num_prefix_tokens :]  # (B, N, D)
-        if tokens.shape[1] != self.grid_size**2:
-            tokens = resample_grid(tokens, self.grid_size**2)
-        return TokenSet.from_dense(tokens.float())
+        return self._patch_tokens(self._features(images))
 
     @torch.no_grad()
     def encode_pooled(self, images: Tensor) -> Tensor:
@@ -225,6 +223,46 @@ class TimmViTEncoder(nn.Module):
         if self.has_class_token:
             return feats[:, 0].float()
         return self.model.forward_head(feats, pre_logits=True).float()
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of transformer blocks (valid layer indices: 0..L and -(L + 1)..-1)."""
+        return len(self.model.blocks)
+
+    def feature_dim(self, index: int | None = None) -> int:
+        """Token width at any layer (a ViT keeps one width throughout)."""
+        return self.dim
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Settings besides the weights that change the features (part of the feature cache key)."""
+        return dict(timm_name=self.timm_name, img_size=self.img_size, grid_size=self.grid_size)
+
+    def _patch_tokens(self, feats: Tensor) -> TokenSet:
+        tokens = feats[:, self.num_prefix_tokens :]  # (B, N, D) without class / register tokens
+        if tokens.shape[1] != self.grid_size**2:
+            tokens = resample_grid(tokens, self.grid_size**2)
+        return TokenSet.from_dense(tokens.float())
+
+    @torch.no_grad()
+    def forward_intermediates(
+        self, images: Tensor, indices: int | Sequence[int] | None = None
+    ) -> tuple[TokenSet, list[TokenSet]]:
+        """``(patch tokens of encode, [patch tokens at each index])`` from one pass (:mod:`unirep.intermediates`).
+
+        Index 0 is the embedded patches (patch embedding + positions, after ``norm_pre``), ``k`` the output of block
+        ``k`` before the final norm (timm's ``forward_intermediates(norm=False)``), negative counts from the end.
+        Every level is resampled to the ``grid_size`` grid, as ``encode`` is.
+        """
+        from unirep.intermediates import feature_take_indices
+
+        take = feature_take_indices(self.num_layers, indices, what=f"teacher {self.name}")
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(self.preprocess(images)))))  # (B, prefix + N, D)
+        hidden = [x]
+        for blk in m.blocks:
+            x = blk(x)
+            hidden.append(x)
+        return self._patch_tokens(m.norm(x)), [self._patch_tokens(hidden[k]) for k in take]
 
     @torch.no_grad()
     def encode_both(self, images: Tensor) -> tuple[TokenSet, Tensor]:

@@ -97,6 +97,25 @@ def test_teacher_grid_matches_student_and_resamples():
     assert odd.encode(x).x.shape == (3 * 16, 96)
 
 
+def test_teacher_forward_intermediates_index_convention():
+    torch.manual_seed(0)
+    enc = TimmViTEncoder("unirep_vit_digits", grid_size=4, allow_random_init=True)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    L = enc.num_layers
+    out, feats = enc.forward_intermediates(x, [0, 1, L, -1, -(L + 1)])
+    torch.testing.assert_close(out.x, enc.encode(x).x)  # out is what encode returns, from the same pass
+    # timm numbers blocks from 0 and returns them un-normed: our index k is timm's k - 1
+    ref = enc.model.forward_intermediates(enc.preprocess(x), indices=[0, L - 1], norm=False, intermediates_only=True)
+    torch.testing.assert_close(feats[1].x, ref[0].flatten(2).transpose(1, 2).reshape(-1, enc.dim))
+    torch.testing.assert_close(feats[2].x, ref[1].flatten(2).transpose(1, 2).reshape(-1, enc.dim))
+    torch.testing.assert_close(feats[3].x, feats[2].x)  # -1 is block L
+    torch.testing.assert_close(feats[4].x, feats[0].x)  # -(L + 1) is the embedded input
+    assert feats[0].x.shape == (2 * 16, enc.dim) and not torch.allclose(feats[0].x, feats[1].x)
+    with pytest.raises(ValueError, match="outside"):
+        enc.forward_intermediates(x, [L + 1])
+    assert enc.feature_dim(2) == enc.dim and enc.cache_settings()["grid_size"] == 4
+
+
 def test_weights_file_path_with_registers_and_pos_embed_resampling(tmp_path):
     torch.manual_seed(0)
     # a DINOv2-with-registers ViT-S state dict at timm's native 518 px (37x37 grid), random values, same keys
