@@ -33,3 +33,31 @@ def test_linear_probe_separates_linearly_separable_tokens():
     y = torch.arange(60) % 3
     x = y.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
     assert linear_probe(Fake(), x, y, x[:30], y[:30]) == 1.0
+
+
+def test_missing_teacher_stops_with_the_command(tmp_path):
+    import pytest
+
+    from vision.teacher import TEACHER_COMMAND
+
+    missing = tmp_path / "none.safetensors"
+    with pytest.raises(FileNotFoundError) as err:
+        digits_teacher(grid_size=4, pretrained_path=str(missing))
+    assert TEACHER_COMMAND in str(err.value) and str(missing) in str(err.value)
+    assert "allow_random_init=true" in str(err.value)
+    with pytest.raises(ValueError, match="no longer trains"):
+        digits_teacher(train_if_missing=True)
+    assert digits_teacher(grid_size=4, allow_random_init=True).grid_size == 4
+
+
+def test_mae_task_step_is_replayable_and_reaches_every_parameter():
+    from vision.teacher import MAETeacherTask
+
+    torch.manual_seed(0)
+    task = MAETeacherTask()
+    batch = {"x": torch.rand(4, 1, 16, 16) * 2 - 1}
+    a, b, c = task(batch, 7)["loss"], task(batch, 7)["loss"], task(batch, 8)["loss"]
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the step's masks and augmentation depend on (seed, step)
+    a.backward()
+    no_grad = [n for n, p in task.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad and all(torch.isfinite(p.grad).all() for p in task.model.parameters() if p.grad is not None)
