@@ -40,11 +40,15 @@ from molecular.data import (
     AtomsDataset,
     GraphBatch,
     collate_graphs,
+    fit_atomic_energies,
     label_structures,
-    split_indices,
+    species_index,
     structures_from_smiles,
     thermal_displacements,
+    z_lookup,
 )
+from molecular.models import energy_forces_loss
+from unirep.splits import split_indices
 from unirep.tokens import TokenSet
 
 __all__ = ["SchNet", "PaiNN", "MoleculeSet", "train_graphnet", "evaluate_forces", "GraphNetEncoder"]
@@ -69,9 +73,7 @@ class _Potential(nn.Module, abc.ABC):
     def __init__(self, z_table: Sequence[int], hidden: int, r_max: float):
         super().__init__()
         self.z_table = [int(z) for z in z_table]
-        lookup = torch.full((max(self.z_table) + 1,), -1, dtype=torch.long)
-        lookup[torch.as_tensor(self.z_table)] = torch.arange(len(self.z_table))
-        self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("z_lookup", z_lookup(self.z_table), persistent=False)
         self.embedding = nn.Embedding(len(self.z_table), hidden)
         self.readout = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.SiLU(), nn.Linear(hidden // 2, 1))
         self.hidden, self.r_max = hidden, float(r_max)
@@ -80,10 +82,7 @@ class _Potential(nn.Module, abc.ABC):
         self.register_buffer("scale", torch.ones((), dtype=torch.float64))
 
     def species(self, numbers: Tensor) -> Tensor:
-        if int(numbers.max()) >= self.z_lookup.numel() or (self.z_lookup[numbers] < 0).any():
-            bad = sorted(set(numbers.tolist()) - set(self.z_table))
-            raise ValueError(f"{type(self).__name__} knows elements {self.z_table}; the batch has {bad}")
-        return self.z_lookup[numbers]
+        return species_index(self.z_lookup, numbers, self.z_table, owner=type(self).__name__)
 
     @abc.abstractmethod
     def layers(self, batch: GraphBatch, positions: Tensor) -> list[Tensor]:
@@ -303,14 +302,9 @@ def _load_or_build(params: dict[str, Any], key: str, cache_dir: str | None) -> A
 # ---------------------------------------------------------------------------------------------------------------
 def _fit_references(model: _Potential, data: AtomsDataset) -> None:
     """Least-squares per-element energies, and the force RMS as the output scale."""
-    counts = np.zeros((len(data), len(model.z_table)))
-    for k, s in enumerate(data.structures):
-        for j, z in enumerate(model.z_table):
-            counts[k, j] = (s.numbers == z).sum()
-    energies = np.array([s.energy for s in data.structures])
-    ref, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    ref = fit_atomic_energies(data.structures, model.z_table)
     forces = np.concatenate([s.forces for s in data.structures])
-    model.atomic_energies.copy_(torch.as_tensor(ref))
+    model.atomic_energies.copy_(torch.as_tensor(ref, dtype=torch.float64))
     model.scale.fill_(float(np.sqrt((forces**2).mean())))
 
 
@@ -350,10 +344,10 @@ def train_graphnet(
         idx = torch.randint(len(train), (batch_size,), generator=g).tolist()
         b = collate_graphs([train[i] for i in idx])
         out = model(b)
-        # per-atom energy error, as in MACE's weighted energy-forces loss
-        e = (((out["energy"] - b.energy) / b.num_atoms) / scale) ** 2
-        f = ((out["forces"] - b.forces) / scale) ** 2
-        loss = energy_weight * e.mean() + forces_weight * f.mean()
+        # MACE's weighted energy-forces loss (per-atom energy error) on force-RMS-scaled errors
+        loss = energy_forces_loss(
+            out["energy"], out["forces"], b.energy, b.forces, b.num_atoms, energy_weight, forces_weight, scale
+        )["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

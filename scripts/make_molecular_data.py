@@ -25,8 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from molecular.data import Structure, langevin_md, structures_from_smiles, write_extxyz  # noqa: E402
-from molecular.quickstart import NARROW, broad_structures  # noqa: E402
+from molecular.data import (  # noqa: E402
+    NARROW,
+    Structure,
+    broad_structures,
+    langevin_md,
+    structures_from_smiles,
+    write_extxyz,
+)
 
 
 def narrow_set(name: str, frames: int, interval: int, seed: int, calculator: str) -> list[Structure]:

@@ -3,21 +3,22 @@
 Each molecule is featurised once from its rdkit graph (element, formal charge, aromaticity, hybridisation,
 ring membership; bonds with their orders), the conditioning ET-Flow and torsional diffusion use. A data item is
 one (molecule, reference conformer) pair; the train/val split is by molecule, so no validation molecule is
-ever seen in training (GEOM splits of torsional diffusion).
+ever seen in training (GEOM splits of torsional diffusion). Batches are :class:`molecular.data.GraphBatch` with
+the molecular graph set.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rdkit import Chem
 from torch import Tensor
 
-from unirep.tokens import TokenSet
+from molecular.data.graphs import GraphBatch
 
 from .generate import SUPPORTED_ELEMENTS, mol_from_smiles, reference_ensemble
 
@@ -25,7 +26,6 @@ __all__ = [
     "NUM_ATOM_FEATURES",
     "NUM_BOND_TYPES",
     "MoleculeRecord",
-    "MolBatch",
     "ConformerDataset",
     "featurize",
     "collate_molecules",
@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 _ELEMENT_INDEX = {s: i for i, s in enumerate(SUPPORTED_ELEMENTS)}
-_ATOMIC_NUMBERS = [Chem.GetPeriodicTable().GetAtomicNumber(s) for s in SUPPORTED_ELEMENTS]
+# atomic number of each SUPPORTED_ELEMENTS index: numbers = _ATOMIC_NUMBERS[atom_types]
+_ATOMIC_NUMBERS = torch.tensor([Chem.GetPeriodicTable().GetAtomicNumber(s) for s in SUPPORTED_ELEMENTS])
 _CHARGES = (-1, 0, 1)
 _HYBRID = (Chem.HybridizationType.SP, Chem.HybridizationType.SP2, Chem.HybridizationType.SP3)
 # element one-hot | charge one-hot | aromatic | hybridisation one-hot (sp, sp2, sp3, other) | in ring
@@ -163,55 +164,9 @@ def featurize(mol: Chem.Mol, name: str = "") -> tuple[Tensor, Tensor, Tensor, Te
     )
 
 
-@dataclass
-class MolBatch:
-    """A padding-free batch of molecular graphs (torch_geometric convention: ``batch[T]`` graph index)."""
-
-    atom_types: Tensor  # [T]
-    atom_features: Tensor  # [T, F]
-    pos: Tensor  # [T, 3] Å
-    batch: Tensor  # [T]
-    bond_index: Tensor  # [2, E] global atom indices
-    bond_types: Tensor  # [E]
-    num_graphs: int
-    mol_index: Tensor  # [B] index of each graph's molecule in its data set
-    smiles: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)  # "<smiles>#<conformer>" per graph (teacher-feature cache keys)
-
-    def to(self, device) -> MolBatch:
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in kw.items():
-            if isinstance(v, Tensor):
-                kw[k] = v.to(device)
-        return MolBatch(**kw)
-
-    @property
-    def counts(self) -> Tensor:
-        return torch.bincount(self.batch, minlength=self.num_graphs)
-
-    def tokens(self, x: Tensor) -> TokenSet:
-        """Per-atom features ``x[T, D]`` as a :class:`TokenSet` over this batch's molecules."""
-        return TokenSet(x, self.batch, self.pos, self.num_graphs)
-
-    def graph_batch(self, r_max: float, pos: Tensor | None = None):
-        """The same structures (at ``pos``, default ``self.pos``) as a :class:`molecular.data.GraphBatch` with a
-        radius graph of ``r_max`` Å: the input of the atomistic teachers and of the local autoencoder."""
-        from molecular.data import AtomicGraph, Structure, collate_graphs
-
-        pos = self.pos if pos is None else pos
-        numbers = torch.tensor([_ATOMIC_NUMBERS[int(i)] for i in self.atom_types.cpu()], dtype=torch.long)
-        graphs = []
-        for g in range(self.num_graphs):
-            m = (self.batch == g).cpu()
-            s = Structure(
-                numbers[m].numpy(), pos.detach().cpu()[m].double().numpy(), id=self.ids[g] if self.ids else ""
-            )
-            graphs.append(AtomicGraph.from_structure(s, r_max))
-        return collate_graphs(graphs).to(self.pos.device)
-
-
-def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int, int]]) -> MolBatch:
-    """Collate ``(record, pos[N, 3], mol_index, conformer_index)`` items into one :class:`MolBatch`."""
+def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int, int]]) -> GraphBatch:
+    """Collate ``(record, pos[N, 3], mol_index, conformer_index)`` items into one :class:`GraphBatch` with the
+    molecular graph (atom types and features, bonds) and no radius graph (see :meth:`GraphBatch.radius_graph`)."""
     if not items:
         raise ValueError("cannot collate an empty list of molecules")
     offset = 0
@@ -228,17 +183,22 @@ def collate_molecules(items: Sequence[tuple[MoleculeRecord, Tensor, int, int]]) 
         smiles.append(rec.smiles)
         ids.append(f"{rec.smiles}#{ci}")
         offset += n
-    return MolBatch(
-        torch.cat(types),
-        torch.cat(feats),
-        torch.cat(pos),
-        torch.cat(batch),
-        torch.cat(bidx, 1),
-        torch.cat(btyp),
-        len(items),
-        torch.tensor(midx, dtype=torch.long),
-        smiles,
-        ids,
+    atom_types = torch.cat(types)
+    counts = torch.tensor([rec.num_atoms for rec, *_ in items], dtype=torch.long)
+    ptr = torch.zeros(len(items) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return GraphBatch(
+        numbers=_ATOMIC_NUMBERS[atom_types],
+        positions=torch.cat(pos),
+        batch=torch.cat(batch),
+        ptr=ptr,
+        ids=ids,
+        atom_types=atom_types,
+        atom_features=torch.cat(feats),
+        bond_index=torch.cat(bidx, 1),
+        bond_types=torch.cat(btyp),
+        mol_index=torch.tensor(midx, dtype=torch.long),
+        smiles=smiles,
     )
 
 

@@ -1,4 +1,5 @@
-"""Writers for generated conformers: SDF (rdkit, with bonds) and extended XYZ (ase, with per-frame info)."""
+"""Writers for generated conformers: SDF (rdkit, with bonds) and extended XYZ (the one writer of
+:mod:`molecular.data`, with per-frame info)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rdkit import Chem
+
+from molecular.data import mol_structures
+from molecular.data import write_extxyz as write_structures
 
 __all__ = ["write_sdf", "write_extxyz"]
 
@@ -32,19 +36,7 @@ def write_sdf(mols: Sequence[Chem.Mol], path: str | Path, props: Sequence[dict] 
 
 
 def write_extxyz(mols: Sequence[Chem.Mol], path: str | Path, props: Sequence[dict] | None = None) -> Path:
-    """Write all Mols as frames of one extended-XYZ file; ``props[i]`` go to ``atoms.info`` of frame ``i``."""
-    from ase import Atoms
-    from ase.io import write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames = []
-    for i, m in enumerate(mols):
-        atoms = Atoms(numbers=[a.GetAtomicNum() for a in m.GetAtoms()], positions=m.GetConformer().GetPositions())
-        atoms.info["smiles"] = Chem.MolToSmiles(Chem.RemoveHs(m))
-        atoms.info.update(props[i] if props else {})
-        frames.append(atoms)
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp), frames, format="extxyz")
-    _atomic_replace(tmp, path)
-    return path
+    """Write all Mols (first conformer) as frames of one extended-XYZ file with :func:`molecular.data.write_extxyz`;
+    each frame's info holds the molecule's SMILES and ``props[i]``."""
+    info = [{"smiles": Chem.MolToSmiles(Chem.RemoveHs(m)), **(props[i] if props else {})} for i, m in enumerate(mols)]
+    return write_structures(mol_structures(mols), path, info=info)

@@ -16,25 +16,16 @@ With ``latent_dim > 0`` the network also takes invariant per-atom latents ``z_t`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from molecular.conformers.data import NUM_ATOM_FEATURES, NUM_BOND_TYPES
+from unirep.nn import timestep_embedding
 from unirep.tokens import segment_mean, segment_sum
 
-__all__ = ["EGNNLayer", "EquivariantVelocityNet", "timestep_embedding", "full_edges", "remove_mean"]
-
-
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of ``t[T]`` in [0, 1] (scaled by 1000 as DiT does for integer-like frequencies)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
-    args = 1000.0 * t[:, None] * freqs[None]  # [T, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return torch.nn.functional.pad(emb, (0, dim % 2))
+__all__ = ["EGNNLayer", "EquivariantVelocityNet", "full_edges", "remove_mean"]
 
 
 def remove_mean(x: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
@@ -159,7 +150,8 @@ class EquivariantVelocityNet(nn.Module):
             raise ValueError(f"latent_dim={self.latent_dim} but z_t {'missing' if z_t is None else 'given'}")
         feats = batch.atom_features.to(x_t.dtype)
         h = self.embed(feats if z_t is None else torch.cat([feats, z_t], dim=-1))
-        h = h + self.time_mlp(timestep_embedding(t, self.time_dim))
+        # times in [0, 1] scaled by 1000, so the frequencies are those of integer DDPM-style timesteps (as DiT)
+        h = h + self.time_mlp(timestep_embedding(t, self.time_dim, scale=1000.0))
         edges = full_edges(bidx, batch.num_graphs)
         etype = bond_edge_types(edges, batch.bond_index, batch.bond_types, n)
         eattr = self.edge_embed(etype).to(x_t.dtype)

@@ -95,11 +95,11 @@ class LatentFlowTask(ConformerFlowTask):
         if not bool(self.stats_ready):
             self.tokenizer.fit_statistics([batch])
             self.stats_ready.fill_(True)
-        return self.tokenizer.encode(batch).to(batch.pos.dtype)
+        return self.tokenizer.encode(batch).to(batch.positions.dtype)
 
     def forward(self, batch, step: int = 0) -> dict[str, Tensor]:
         bidx, n_graphs = batch.batch, batch.num_graphs
-        x = remove_mean(batch.pos, bidx, n_graphs)
+        x = remove_mean(batch.positions, bidx, n_graphs)
         z = self.latents(batch)
         eps = self.prior.sample(batch, dtype=x.dtype)
         eps_z = torch.randn_like(z)

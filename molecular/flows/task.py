@@ -56,11 +56,11 @@ __all__ = ["ConformerFlowTask", "teacher_tokens", "evaluate_conformers"]
 def teacher_tokens(teacher: nn.Module, batch, r_max: float | None) -> TokenSet:
     """Per-atom features of the clean structures of ``batch`` from a frozen teacher.
 
-    The teacher receives ``batch.graph_batch(r_max)`` (a ``molecular.data.GraphBatch``, the input of the project's
-    atomistic encoders) when ``r_max`` is given, else the ``MolBatch`` itself; a ``FrozenEncoder`` also gets the
+    The teacher receives ``batch.radius_graph(r_max)`` (the batch with a radius graph, the input of the project's
+    atomistic encoders) when ``r_max`` is given, else the batch itself; a ``FrozenEncoder`` also gets the
     item ids (``"<smiles>#<conformer>"``) so its features are cached per reference conformer.
     """
-    sample = batch.graph_batch(r_max) if r_max is not None else batch
+    sample = batch.radius_graph(r_max) if r_max is not None else batch
     with torch.no_grad():
         if isinstance(teacher, FrozenEncoder) and batch.ids:
             out = teacher.encode(sample, ids=batch.ids)
@@ -73,11 +73,11 @@ def teacher_tokens(teacher: nn.Module, batch, r_max: float | None) -> TokenSet:
             f"teacher returned {out.x.shape[0]} per-atom features for {batch.batch.shape[0]} atoms: the teacher must "
             "keep every atom (hydrogens included) in the order of the batch"
         )
-    return TokenSet(out.x.to(batch.pos.device).float(), batch.batch, None, batch.num_graphs)
+    return TokenSet(out.x.to(batch.positions.device).float(), batch.batch, None, batch.num_graphs)
 
 
 def _generation_batches(records: Sequence[MoleculeRecord], counts: Sequence[int], max_atoms: int):
-    """Yield ``(MolBatch, [(record index, copy index), ...])`` with at most ``max_atoms`` atoms per batch."""
+    """Yield ``(GraphBatch, [(record index, copy index), ...])`` with at most ``max_atoms`` atoms per batch."""
     items, owners, atoms = [], [], 0
     for r, (rec, k) in enumerate(zip(records, counts, strict=True)):
         for c in range(k):
@@ -151,7 +151,7 @@ class ConformerFlowTask(Task):
             REPA's shape) maps the aligned layer to the teacher's width and ``unirep.align.Aligner`` compares them.
         align_layer: which EGNN layer's node features are aligned (1-based, as ``forward_intermediates``).
         align_weight, align_loss, align_stop_step: REPA's λ, the loss name, an optional step where λ drops to 0.
-        teacher_r_max: radius graph (Å) built for the teacher's input; ``None`` passes the ``MolBatch``.
+        teacher_r_max: radius graph (Å) built for the teacher's input; ``None`` passes the batch as it is.
         sampler: ``"euler"`` / ``"heun"`` ODE or ``"sde"``; ``sample_steps`` steps.
         samples_per_ref: generated conformers per reference conformer in evaluation (2 in the anchors).
         eval_max_molecules: cap on held-out molecules evaluated (evaluation cost grows with the square of K).
@@ -218,7 +218,7 @@ class ConformerFlowTask(Task):
     # -- training -------------------------------------------------------------------------------------------
     def forward(self, batch, step: int = 0) -> dict[str, Tensor]:
         bidx, n_graphs = batch.batch, batch.num_graphs
-        x = remove_mean(batch.pos, bidx, n_graphs)  # clean conformer, zero CoM [T, 3]
+        x = remove_mean(batch.positions, bidx, n_graphs)  # clean conformer, zero CoM [T, 3]
         eps = self.prior.sample(batch, dtype=x.dtype)  # zero-CoM prior sample [T, 3]
         t = sample_time(n_graphs, self.time_dist, self.time_mean, self.time_std, device=x.device)
         if self.time_shift != 1.0:
@@ -278,7 +278,7 @@ class ConformerFlowTask(Task):
             else:
                 s0 = sample_ode(fn, s1, self.sample_steps, method=self.sampler, shift=self.time_shift, project=project)
             x0 = s0[:, :3].cpu().double().numpy()
-            starts = np.concatenate([[0], np.cumsum(batch.counts.cpu().numpy())])
+            starts = np.concatenate([[0], np.cumsum(batch.num_atoms.cpu().numpy())])
             for g, (r, c) in enumerate(owners):
                 out[r][c] = x0[starts[g] : starts[g + 1]]
         self.model.train(was_training)

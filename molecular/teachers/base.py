@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from molecular.data import GraphBatch, Structure
+from molecular.data import AtomicGraph, GraphBatch, Structure, collate_graphs
 from molecular.models import default_dtype
+from unirep.converge import group_centre
 from unirep.tokens import TokenSet, segment_mean
 
 __all__ = ["AtomisticEncoder", "HookEncoder", "AtomsFunctionEncoder", "batch_to_atoms"]
@@ -98,18 +99,19 @@ class AtomisticEncoder(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def fit_element_means(self, batches: Sequence[GraphBatch]) -> None:
-        """Per-element mean feature over a few batches (a training set)."""
-        total = torch.zeros(119, self.dim, dtype=torch.float64)
-        count = torch.zeros(119, dtype=torch.float64)
+        """Per-element mean feature over a few batches (a training set); elements never seen keep a zero mean."""
+        feats, numbers = [], []
         center, self.center = self.center, False
         try:
             for b in batches:
-                x = self.encode(b).x.double().cpu()
-                total.index_add_(0, b.numbers.cpu(), x)
-                count.index_add_(0, b.numbers.cpu(), torch.ones(len(x), dtype=torch.float64))
+                feats.append(self.encode(b).x.double().cpu())
+                numbers.append(b.numbers.cpu())
         finally:
             self.center = center
-        self.element_mean.copy_((total / count.clamp_min(1)[:, None]).to(self.element_mean.dtype))
+        x, z = torch.cat(feats), torch.cat(numbers)
+        means = torch.zeros(119, self.dim, dtype=torch.float64)
+        means[z] = x - group_centre(x, z)  # each atom's row minus its centred row: its element's mean
+        self.element_mean.copy_(means.to(self.element_mean.dtype))
         self.element_mean_fitted.fill_(True)
 
     @torch.no_grad()
@@ -216,6 +218,4 @@ class AtomsFunctionEncoder(AtomisticEncoder):
 
 def structures_batch(structures: Sequence[Structure], r_max: float) -> GraphBatch:
     """A GraphBatch from structures (for calling a teacher outside a data loader)."""
-    from molecular.data import AtomicGraph, collate_graphs
-
     return collate_graphs([AtomicGraph.from_structure(s, r_max) for s in structures])

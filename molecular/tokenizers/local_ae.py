@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from molecular.data.graphs import regraph, species_index, z_lookup
 from unirep.tokenizers import Tokenizer
 from unirep.tokens import TokenSet, segment_sum
 
@@ -99,9 +100,7 @@ class LocalEnvironmentEncoder(nn.Module):
         super().__init__()
         self.z_table = [int(z) for z in z_table]
         self.r_max, self.channels, self.num_radial = float(r_max), channels, num_radial
-        lookup = torch.full((119,), -1, dtype=torch.long)
-        lookup[torch.tensor(self.z_table)] = torch.arange(len(self.z_table))
-        self.register_buffer("z_lookup", lookup, persistent=False)
+        self.register_buffer("z_lookup", z_lookup(self.z_table), persistent=False)
         self.species = nn.Linear(len(self.z_table), channels, bias=False)
         self.radial = nn.Sequential(nn.Linear(num_radial, 32), nn.SiLU(), nn.Linear(32, 3 * channels))  # per l, c
         # equivariant channel mixings (same weights for every m of an l block)
@@ -120,14 +119,7 @@ class LocalEnvironmentEncoder(nn.Module):
         self.latent_dim = latent_dim
 
     def species_index(self, numbers: Tensor) -> Tensor:
-        idx = self.z_lookup.to(numbers.device)[numbers.clamp(0, 118)]
-        if (idx < 0).any() or (numbers > 118).any():
-            bad = sorted({int(z) for z in numbers[(idx < 0) | (numbers > 118)].tolist()})
-            raise ValueError(
-                f"atomic number(s) {bad} are not in the autoencoder's z_table {self.z_table}; remove those structures "
-                "or build the autoencoder with a larger z_table"
-            )
-        return idx
+        return species_index(self.z_lookup, numbers, self.z_table, owner="autoencoder")
 
     def forward(self, numbers: Tensor, positions: Tensor, edge_index: Tensor, shifts: Tensor | None = None) -> Tensor:
         n = numbers.shape[0]
@@ -220,8 +212,8 @@ def kabsch_align(mobile: Tensor, target: Tensor, batch: Tensor, num_graphs: int)
 class LocalAtomicAutoencoder(Tokenizer):
     """Tokenizer over molecules: ``encode(graph_batch) -> z[T, latent_dim]`` (normalised), ``decode(z, batch, B)``.
 
-    Input batches are ``molecular.data.GraphBatch`` (radius graph of at least ``r_max``) or
-    ``molecular.conformers.MolBatch`` (converted with its ``graph_batch(r_max)``).
+    Input batches are ``molecular.data.GraphBatch``: with a radius graph (re-graphed at ``r_max``) or without one
+    (molecules from ``molecular.conformers``, given one with ``radius_graph(r_max)``).
     """
 
     def __init__(self, encoder: LocalEnvironmentEncoder, decoder: StructureDecoder, latent_noise: float = 0.0):
@@ -236,12 +228,10 @@ class LocalAtomicAutoencoder(Tokenizer):
         return self.encoder.latent_dim
 
     def as_graph_batch(self, batch):
-        """A ``GraphBatch`` with this encoder's ``r_max`` radius graph (a ``MolBatch`` is converted; a
-        ``GraphBatch`` built for another cutoff is re-graphed, so the environment is always the full 6 Å)."""
-        if hasattr(batch, "graph_batch"):  # a MolBatch
-            return batch.graph_batch(self.r_max)
-        from molecular.data import regraph
-
+        """A ``GraphBatch`` with this encoder's ``r_max`` radius graph (a batch of molecules gets one; a batch
+        graphed for another cutoff is re-graphed, so the environment is always the full 6 Å)."""
+        if batch.edge_index is None:  # molecules: no radius graph yet
+            return batch.radius_graph(self.r_max)
         return regraph(batch, self.r_max)
 
     def _encode(self, batch) -> Tensor:

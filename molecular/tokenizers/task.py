@@ -33,7 +33,7 @@ def reconstruction_metrics(
 
 
 class LocalAETask(Task):
-    """Autoencoder training task. Batches are ``MolBatch`` (conformer data) or ``GraphBatch`` (any structures).
+    """Autoencoder training task. Batches are ``GraphBatch`` of molecules (conformer data) or of any structures.
 
     Args:
         model: the :class:`LocalAtomicAutoencoder`.
@@ -119,7 +119,7 @@ class LocalAETask(Task):
         for b in self._batches(dataset, limit):
             b = b.to(device)
             zs.append(self.model._encode(b).cpu())
-            feats.append(b.atom_features.cpu() if hasattr(b, "atom_features") else None)
+            feats.append(b.atom_features.cpu() if b.atom_features is not None else None)
         f = None if any(x is None for x in feats) else torch.cat(feats)
         return torch.cat(zs), f
 

@@ -129,8 +129,11 @@ def test_writers_round_trip(tmp_path, butanol_confs):
     back = [m for m in Chem.SDMolSupplier(str(p), removeHs=False)]
     assert len(back) == 2 and back[1].GetProp("energy") == "2.0"
     assert np.allclose(back[0].GetConformer().GetPositions(), butanol_confs[0].GetConformer().GetPositions(), atol=1e-4)
-    frames = read(str(write_extxyz(butanol_confs[:3], tmp_path / "out.xyz")), index=":")
-    assert len(frames) == 3 and frames[0].info["smiles"] == "CCCCO"
+    frames = read(
+        str(write_extxyz(butanol_confs[:3], tmp_path / "out.xyz", props=[{"k": i} for i in range(3)])), index=":"
+    )
+    assert len(frames) == 3 and frames[0].info["smiles"] == "CCCCO" and frames[2].info["k"] == 2
+    assert np.allclose(frames[1].positions, butanol_confs[1].GetConformer().GetPositions())
 
 
 def test_bad_input_errors():
@@ -150,7 +153,7 @@ def test_featurize_and_collate():
     assert types.shape == (12,) and bidx.shape == (2, 24) and (btyp[:12] > 0).all()
     assert (btyp == 4).sum() == 12  # aromatic ring bonds, both directions
     b = collate_molecules([ds[0], ds[len(ds) - 1]])
-    assert b.num_graphs == 2 and b.pos.shape == (9 + 12, 3)
+    assert b.num_graphs == 2 and b.positions.shape == (9 + 12, 3)
     assert int(b.bond_index.min()) == 0 and int(b.bond_index[:, 16:].min()) >= 9  # offsets applied
 
 

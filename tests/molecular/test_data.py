@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from molecular.data import (
+    AtomicGraph,
     AtomsDataset,
     MMFFCalculator,
     Structure,
@@ -74,6 +75,19 @@ def test_bad_inputs_name_file_and_item(tmp_path):
         load_dataset(tmp_path / "md_x.extxyz", r_max=4.0)
 
 
+def test_unknown_element_and_empty_smiles_are_named(tmp_path):
+    bad = tmp_path / "elements.extxyz"
+    frame = "2\nProperties=species:S:1:pos:R:3\nC 0 0 0\nH 1.1 0 0\n"
+    bad.write_text(frame + "2\nProperties=species:S:1:pos:R:3\nC 0 0 0\nXx 1.1 0 0\n")
+    with pytest.raises(StructureError, match=r"unknown element 'Xx' \(.*elements.extxyz:8/frame 1 atom 1\)") as err:
+        read_structures(bad)
+    assert "could not be read" not in str(err.value)  # an element problem, not a format problem
+    with pytest.raises(StructureError, match=r"SMILES item 1 is empty"):
+        structures_from_smiles(["CCO", ""])
+    with pytest.raises(StructureError, match=r"SMILES item 0 is empty"):
+        structures_from_smiles(["   "])
+
+
 def _brute_force_edges(pos, r_max):
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
     i, j = np.nonzero((d < r_max) & ~np.eye(len(pos), dtype=bool))
@@ -115,6 +129,20 @@ def test_batch_tokens_and_graph_round_trip():
     g3 = ds[3]
     assert sub.ids == [ds.structures[3].id, ds.structures[1].id]
     assert torch.equal(sub.graph(0).edge_index, g3.edge_index) and torch.equal(sub.graph(0).positions, g3.positions)
+
+
+def test_molecule_batch_gets_a_radius_graph():
+    from molecular.conformers import collate_molecules, make_record
+
+    rec = make_record("CCO", num_confs=1, max_confs=1)
+    mb = collate_molecules([(rec, rec.conformers[0], 0, 0), (rec, rec.conformers[0] + 1.0, 0, 0)])
+    assert mb.edge_index is None and mb.bond_index is not None and mb.numbers.tolist()[:3] == [6, 6, 8]
+    assert mb.num_atoms.tolist() == [9, 9]
+    g = mb.radius_graph(3.0)
+    s = Structure(mb.numbers[:9].numpy(), rec.conformers[0].double().numpy())
+    ref = collate_graphs([AtomicGraph.from_structure(s, 3.0)] * 2)
+    assert torch.equal(g.edge_index, ref.edge_index) and g.ids == ["CCO#0", "CCO#0"]
+    assert g.positions.dtype == torch.float64 and g.energy is None
 
 
 def test_cache_round_trip(tmp_path):

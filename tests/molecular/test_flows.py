@@ -28,9 +28,10 @@ def _perm_batch(batch, perm):
     inv[perm] = torch.arange(perm.numel())
     return replace(
         batch,
+        numbers=batch.numbers[perm],
         atom_types=batch.atom_types[perm],
         atom_features=batch.atom_features[perm],
-        pos=batch.pos[perm],
+        positions=batch.positions[perm],
         batch=batch.batch[perm],
         bond_index=inv[batch.bond_index],
     )
@@ -43,7 +44,7 @@ def test_velocity_net_is_e3_equivariant_float64(batch, latent_dim):
     # make coordinate updates large enough that a broken symmetry would show
     for layer in net.layers:
         torch.nn.init.normal_(layer.coord_mlp[-1].weight, std=0.5)
-    x = torch.randn(batch.pos.shape, dtype=torch.float64)
+    x = torch.randn(batch.positions.shape, dtype=torch.float64)
     t = torch.rand(batch.num_graphs, dtype=torch.float64)[batch.batch]
     z = torch.randn(x.shape[0], latent_dim, dtype=torch.float64) if latent_dim else None
     out = net(batch, x, t, z)
@@ -73,7 +74,7 @@ def test_velocity_net_is_e3_equivariant_float64(batch, latent_dim):
 def test_intermediates_invariant_and_every_parameter_gets_gradient(batch):
     torch.manual_seed(1)
     net = egnn_tiny(NUM_ATOM_FEATURES, latent_dim=3).double()
-    x = batch.pos.double()
+    x = batch.positions.double()
     t = torch.full((x.shape[0],), 0.3, dtype=torch.float64)
     z = torch.randn(x.shape[0], 3, dtype=torch.float64)
     v, vz, feats = net.forward_intermediates(batch, x, t, z, indices=(1, 2))
@@ -246,3 +247,16 @@ def test_quickstart_recipe_trains_evaluates_and_samples(tmp_path):
     # unirep-sample rebuilds the task from the checkpoint and writes SDF + extxyz
     s = run_sample(compose("sample", [f"checkpoint={tmp_path}", "num=2", "+sample.smiles=[CCOC]", "device=cpu"]))
     assert s["num_structures"] == 2 and (tmp_path / "samples" / "conformers.extxyz").exists()
+
+
+def test_egnn_time_embedding_is_the_shared_one_at_1000_t():
+    import math
+
+    from unirep.nn import timestep_embedding
+
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    emb = timestep_embedding(t, 7, scale=1000.0)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(3, dtype=torch.float64) / 3)
+    args = 1000.0 * t[:, None] * freqs[None]
+    expected = torch.cat([torch.cos(args), torch.sin(args), torch.zeros(3, 1, dtype=torch.float64)], dim=-1)
+    assert emb.dtype == torch.float64 and torch.equal(emb, expected)

@@ -16,7 +16,7 @@ def batch():
 
 
 def _encode(ae, batch, pos):
-    g = batch.graph_batch(ae.r_max, pos)
+    g = batch.radius_graph(ae.r_max, pos)
     return ae.encoder(g.numbers, pos.double(), g.edge_index, g.shifts)
 
 
@@ -37,7 +37,7 @@ def test_spherical_harmonics_blocks_rotate_orthogonally():
 def test_encoder_invariant_permutation_equivariant_and_chiral(batch):
     torch.manual_seed(0)
     ae = local_ae_small().double()
-    pos = batch.pos.double()
+    pos = batch.positions.double()
     z = _encode(ae, batch, pos)
     R = torch.from_numpy(special_ortho_group.rvs(3, random_state=4))
     z_rot = _encode(ae, batch, pos @ R.T + torch.tensor([4.0, -1.0, 2.0], dtype=torch.float64))
@@ -55,7 +55,13 @@ def test_encoder_invariant_permutation_equivariant_and_chiral(batch):
             for g in range(batch.num_graphs)
         ]
     )
-    pb = replace(batch, atom_types=batch.atom_types[perm], batch=batch.batch[perm], pos=batch.pos[perm])
+    pb = replace(
+        batch,
+        numbers=batch.numbers[perm],
+        atom_types=batch.atom_types[perm],
+        batch=batch.batch[perm],
+        positions=batch.positions[perm],
+    )
     torch.testing.assert_close(_encode(ae, pb, pos[perm]), z[perm], atol=1e-10, rtol=1e-9)
 
 
@@ -64,7 +70,7 @@ def test_encoder_is_strictly_local():
     ae = local_ae_tiny().double()
     rec = make_record("CCCCCCCCO", num_confs=1, max_confs=1)
     b = collate_molecules([(rec, rec.conformers[0], 0, 0)])
-    pos = b.pos.double()
+    pos = b.positions.double()
     z = _encode(ae, b, pos)
     # move atom k; every atom farther than r_max from k (before and after the move) keeps its latent exactly
     k = int(torch.cdist(pos, pos)[0].argmax())
@@ -112,8 +118,8 @@ def test_round_trip_after_training_a_few_steps():
     assert z.shape == (rec.num_atoms, 8) and torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5)
     with torch.no_grad():
         dec = task.model.decode(z, b.batch, b.num_graphs)
-    aligned = kabsch_align(dec["pos"], b.pos, b.batch, 1)
-    assert float(((aligned - b.pos) ** 2).sum(-1).mean().sqrt()) < 0.25
+    aligned = kabsch_align(dec["pos"], b.positions, b.batch, 1)
+    assert float(((aligned - b.positions) ** 2).sum(-1).mean().sqrt()) < 0.25
 
 
 def test_unknown_element_is_named():
