@@ -39,6 +39,13 @@ class TaskWithTeacher(Task):
         return {"loss": self.head(self.model(batch)).square().mean()}
 
 
+def _rehash(path):
+    """Record the sha256 of edited files, as a user who edits a checkpoint on purpose would."""
+    state = json.loads((path / "state.json").read_text())
+    state["files"] = {name: ckpt._sha256(path / name) for name in state["files"]}
+    (path / "state.json").write_text(json.dumps(state))
+
+
 def _trained(steps: int = 3):
     task = TaskWithTeacher()
     opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-2, betas=(0.8, 0.95))
@@ -103,11 +110,15 @@ def test_frozen_teacher_not_saved_and_strict_load(tmp_path):
     tensors = load_file(str(path / "model.safetensors"))
     tensors.pop("head.bias")
     save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match="sha256 differs"):
+        load_checkpoint(path, TaskWithTeacher())
+    _rehash(path)
     with pytest.raises(KeyError, match="head.bias"):
         load_checkpoint(path, TaskWithTeacher())
     tensors["head.bias"] = torch.zeros(4)
     tensors["extra.weight"] = torch.zeros(1)
     save_file(tensors, str(path / "model.safetensors"))
+    _rehash(path)
     with pytest.raises(KeyError, match="extra.weight"):
         load_checkpoint(path, TaskWithTeacher())
 
@@ -120,19 +131,21 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
             p.add_(1.0)
     real_replace = ckpt.os.replace
 
-    def crash(src, dst):  # the process dies between writing the files and renaming the folder
-        raise OSError("simulated crash before rename")
+    def crash(src, dst):  # the write fails between writing the files and renaming the folder
+        raise OSError(28, "simulated failure before rename")
 
     monkeypatch.setattr(ckpt.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(OSError, match="simulated failure.*previous checkpoints .* are intact"):
         save_checkpoint(tmp_path, 2, task, ema, opt, sched)
     monkeypatch.setattr(ckpt.os, "replace", real_replace)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
-    assert find_checkpoint(tmp_path).name == "step_00000001"
-    assert any(p.name.startswith(".tmp-step_00000002") for p in tmp_path.iterdir())  # the half-written folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]  # the failed write cleaned up after itself
     fresh = TaskWithTeacher()
     assert load_checkpoint(tmp_path, fresh, EMA(fresh.model), None, None)["step"] == 1
-    # the next successful save removes the leftover
+    # a process killed mid-write leaves its temporary folder (pid in the name): the next save removes it once that
+    # process is gone, and a step folder without state.json (a kill during rotation) too
+    (tmp_path / ".tmp-step_00000002-999999999").mkdir()
+    (tmp_path / "step_00000000").mkdir()
     save_checkpoint(tmp_path, 2, task, ema, opt, sched)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002"]
 

@@ -113,7 +113,9 @@ def test_resume_from_explicit_path_and_none(tmp_path):
     )
     t.fit()
     assert min(t.task.seen) == 2
-    t = _trainer(NoisyRegression(), tmp_path / "a", max_steps=1, resume="none")
+    with pytest.raises(FileExistsError, match="trainer.overwrite=true"):  # would mix two runs' checkpoints
+        _trainer(NoisyRegression(), tmp_path / "a", max_steps=1, resume="none").fit()
+    t = _trainer(NoisyRegression(), tmp_path / "a", max_steps=1, resume="none", overwrite=True)
     t.fit()
     assert min(t.task.seen) == 0
     with pytest.raises(FileNotFoundError, match="trainer.resume"):

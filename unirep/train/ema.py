@@ -1,8 +1,10 @@
 """Exponential moving average of a model's weights (the weights REPA/DiT sample and evaluate with).
 
 ``ema <- decay * ema + (1 - decay) * param`` after every optimiser step (DiT ``train.py`` ``update_ema``, REPA
-``train.py``; decay 0.9999 there). Float parameters are averaged; buffers (e.g. normalisation statistics) are copied.
-Submodules that are :class:`unirep.encoders.FrozenEncoder` are left out: they never change and are rebuilt from
+``train.py``; decay 0.9999 there). With ``warmup`` the decay of the n-th update (1-based) is
+``min(decay, (1 + n) / (10 + n))``, as mace-torch's EMA (torch_ema ``use_num_updates=True``): early averages are not
+dominated by the random initial weights. Float parameters are averaged; buffers (e.g. normalisation statistics) are
+copied. Submodules that are :class:`unirep.encoders.FrozenEncoder` are left out: they never change and are rebuilt from
 their own weights.
 """
 
@@ -42,12 +44,13 @@ class EMA:
     Args:
         model: the network (``task.model``).
         decay: averaging factor per step; 0 makes the EMA a copy of the weights.
+        warmup: use ``min(decay, (1 + n) / (10 + n))`` at the n-th update (``num_updates`` counts them).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}: set trainer.ema_decay accordingly")
-        self.decay = decay
+        self.decay, self.warmup, self.num_updates = decay, warmup, 0
         state = trainable_state(model)
         params = dict(model.named_parameters())
         # average float parameters only; integer buffers and frozen parameters are copied
@@ -55,13 +58,20 @@ class EMA:
         self.copied = [k for k in state if k not in set(self.averaged)]
         self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in state.items()}
 
+    def current_decay(self) -> float:
+        """The decay the next :meth:`update` uses."""
+        n = self.num_updates + 1
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         state = model.state_dict()
+        decay = self.current_decay()
+        self.num_updates += 1
         if self.averaged:
             ema = [self.shadow[k] for k in self.averaged]
             cur = [state[k].detach() for k in self.averaged]  # same dtypes as the shadow (cloned from them)
-            torch._foreach_lerp_(ema, cur, 1.0 - self.decay)
+            torch._foreach_lerp_(ema, cur, 1.0 - decay)
         for k in self.copied:
             self.shadow[k].copy_(state[k])
 

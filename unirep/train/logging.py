@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,25 @@ __all__ = ["MetricLogger", "plot_loss_curve", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a ``metrics.csv`` as dicts of floats, ``step`` an int (empty cells left out)."""
+    """Rows of a ``metrics.csv`` as dicts of floats, ``step`` an int (empty cells left out).
+
+    A row that does not parse (the torn last line of a run killed while writing it) is skipped with a warning.
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    rows = []
     with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-    for r in rows:
-        if "step" in r:
-            r["step"] = int(r["step"])
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                parsed = {k: float(v) for k, v in row.items() if v not in ("", None)}
+                if None in row or None in row.values() or "step" not in parsed:
+                    raise ValueError("wrong number of cells")
+            except (TypeError, ValueError) as err:
+                warnings.warn(f"{path}:{line}: skipping a torn or malformed row ({err})", stacklevel=2)
+                continue
+            parsed["step"] = int(parsed["step"])
+            rows.append(parsed)
     return rows
 
 

@@ -16,13 +16,15 @@ states: saved in checkpoints), so N steps + resume + N steps equals 2N steps bit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import re
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from unirep.config import TrainerConfig
 from unirep.train import distributed as dist_utils
-from unirep.train.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from unirep.train.checkpoint import (
+    OutDirLock,
+    _remove_checkpoint,
+    clean_leftovers,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from unirep.train.data import DataModule, ResumableBatchSampler, to_device
 from unirep.train.ema import EMA
 from unirep.train.logging import MetricLogger
 
-__all__ = ["Trainer", "seed_everything", "lr_factor"]
+__all__ = ["Trainer", "seed_everything", "lr_factor", "trainer_config", "config_changes", "SIGNAL_EXIT_CODES"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -50,6 +64,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+SCHEDULES = ("constant", "cosine")
+# Exit codes of a run stopped by a signal (the shell's 128 + signal number): SIGINT 130, SIGTERM 143, SIGUSR1 138.
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
+
+
+def _check_schedule(schedule: str, min_ratio: float) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"trainer.lr_schedule={schedule!r}: use one of {', '.join(map(repr, SCHEDULES))}")
+    if not (isinstance(min_ratio, (int, float)) and 0.0 <= min_ratio <= 1.0):
+        raise ValueError(f"trainer.min_lr_ratio={min_ratio!r}: use a fraction of the peak learning rate in [0, 1]")
+
+
 def lr_factor(
     step: int, max_steps: int, warmup_steps: int = 0, schedule: str = "constant", min_ratio: float = 0.0
 ) -> float:
@@ -57,15 +83,58 @@ def lr_factor(
 
     ``"constant"``: 1. ``"cosine"``: from 1 down to ``min_ratio`` at ``max_steps`` (half a cosine period).
     """
+    _check_schedule(schedule, min_ratio)  # before the warm-up returns, so a misspelt name fails at step 0
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"trainer.lr_schedule={schedule!r}: use 'constant' or 'cosine'")
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def trainer_config(options: dict[str, Any]) -> TrainerConfig:
+    """A validated :class:`~unirep.config.TrainerConfig` from keyword options; every problem is named at once."""
+    known = {f.name for f in dataclasses.fields(TrainerConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"Trainer: unknown option(s) {unknown}; the options are {sorted(known)}")
+    c = TrainerConfig(**options)
+    problems = []
+    for name in ("max_steps", "eval_every", "ckpt_every", "keep_last", "num_workers", "num_threads", "warmup_steps"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 0:
+            problems.append(f"trainer.{name}={getattr(c, name)!r} must be an integer >= 0")
+    for name in ("batch_size", "log_every", "accum_steps", "max_bad_steps"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) <= 0:
+            problems.append(f"trainer.{name}={getattr(c, name)!r} must be an integer > 0")
+    for name in ("grad_clip", "max_weight_growth"):
+        if not (isinstance(getattr(c, name), (int, float)) and math.isfinite(getattr(c, name))):
+            problems.append(f"trainer.{name}={getattr(c, name)!r} must be a finite number (0 disables it)")
+    if not (isinstance(c.ema_decay, (int, float)) and 0.0 <= c.ema_decay < 1.0):
+        problems.append(f"trainer.ema_decay={c.ema_decay!r} must be in [0, 1) (REPA/DiT: 0.9999)")
+    if c.precision not in ("bf16", "fp32"):
+        problems.append(f"trainer.precision={c.precision!r}: use 'bf16' or 'fp32'")
+    try:
+        _check_schedule(c.lr_schedule, c.min_lr_ratio)
+    except ValueError as err:
+        problems.append(str(err))
+    problems += _device_problems(c.device)
+    if problems:
+        raise ValueError("invalid trainer options: " + "; ".join(problems))
+    return c
+
+
+def _device_problems(device: str) -> list[str]:
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(device)):
+        return [f"trainer.device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return [
+            f"trainer.device={device} but CUDA is not available here (torch {torch.__version__}, "
+            f"built with CUDA {torch.version.cuda}): use trainer.device=cpu or auto"
+        ]
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return [f"trainer.device={device}: this machine has {torch.cuda.device_count()} GPU(s)"]
+    return []
 
 
 class _RngGuard:
@@ -87,6 +156,35 @@ class _RngGuard:
         random.setstate(self.python)
 
 
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+# Keys a resumed run may change. Schedule keys are recomputed (the LambdaLR closure reads them); optimiser
+# hyper-parameters are written into the restored parameter groups; the rest take effect from the next step.
+_RESUMABLE = {f"trainer.{f.name}" for f in dataclasses.fields(TrainerConfig)} | {"name", "out_dir", "seed", "smoke"}
+_SCHEDULE_KEYS = ("trainer.max_steps", "trainer.warmup_steps", "trainer.lr_schedule", "trainer.min_lr_ratio")
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """``(applicable, refused)``: keys (dotted) whose values differ between a checkpoint's config and this run's."""
+    a, b = _flatten(stored), _flatten(current)
+    applicable, refused = {}, {}
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old == new or (isinstance(old, list) and isinstance(new, tuple) and tuple(old) == new):
+            continue
+        ok = key in _RESUMABLE or key.startswith("smoke") or (key.startswith("optimizer.") and "._" not in key)
+        (applicable if ok else refused)[key] = (old, new)
+    return applicable, refused
+
+
 class Trainer:
     """Train a :class:`~unirep.train.Task` on a :class:`~unirep.train.DataModule`.
 
@@ -94,33 +192,32 @@ class Trainer:
         task: the task (a module whose ``forward(batch, step)`` returns ``{"loss": ..., ...}`` and with ``.model``).
         data: data sets; the trainer builds the loader.
         optimizer: a callable taking the trainable parameters (hydra ``_partial_: true`` AdamW), or a built optimiser.
-        max_steps: optimiser steps in total (a resumed run continues up to it).
-        batch_size: global batch per optimiser step (split over ranks and accumulation steps).
         scheduler: optional callable taking the optimiser and returning an LR scheduler stepped once per step;
             default: warm-up + ``lr_schedule`` through ``LambdaLR``.
-        grad_clip: max total gradient norm (0 or less: no clipping; the norm is still logged).
-        ema_decay: EMA decay of ``task.model`` (REPA/DiT: 0.9999).
-        log_every, eval_every, ckpt_every: intervals in steps (0 disables periodic eval/checkpoints; a checkpoint and,
-            with ``eval_at_end``, an evaluation always follow the last step).
-        keep_last: checkpoints to keep.
-        num_workers: data-loader worker processes.
-        accum_steps: micro-batches per step.
-        precision: ``"bf16"`` (autocast on CUDA; CPU always runs float32) or ``"fp32"``.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        resume: ``"auto"`` (newest checkpoint in ``out_dir/checkpoints`` if any), ``"none"`` or a checkpoint path.
-        warmup_steps, lr_schedule, min_lr_ratio: the default schedule (see :func:`lr_factor`).
-        max_bad_steps: consecutive non-finite steps tolerated before stopping.
         seed: seeds generators and the data order.
-        out_dir: where metrics, TensorBoard logs, checkpoints and evaluation outputs go.
-        config: the resolved run config stored in checkpoints (what :func:`~unirep.train.load_task` rebuilds from).
-        progress: show a tqdm bar (rank 0).
-        tensorboard: write TensorBoard events under ``out_dir/tb``.
-        eval_at_end: run ``task.evaluate`` after the last step.
-        find_unused_parameters: passed to DistributedDataParallel (tasks whose graph skips parameters on some steps).
-        num_threads: CPU threads of torch's intra-op pool during fit (0: leave as is). Tiny models on a shared CPU
-            run many times faster on 1 thread than on contended threads (the toy demo: ~100 vs ~6 steps/s).
-        handle_signals: on SIGTERM or SIGUSR1 (a cluster's pre-emption notice) finish the current step, write a
-            checkpoint and return with ``interrupted=True``, so ``trainer.resume=auto`` continues exactly.
+        out_dir: where metrics, TensorBoard logs, checkpoints and evaluation outputs go (one run at a time: locked).
+        config: the resolved run config stored in checkpoints (what :func:`~unirep.train.load_task` rebuilds from,
+            and what a resumed run is compared with).
+        **options: the fields of :class:`unirep.config.TrainerConfig`, which holds their defaults:
+
+            max_steps, batch_size: optimiser steps in total (a resumed run continues up to it); global batch per step
+            (split over ranks and ``accum_steps`` micro-batches). grad_clip: max total gradient norm (0: none; the
+            norm is logged). ema_decay, ema_warmup: EMA of ``task.model`` (REPA/DiT 0.9999; warm-up
+            ``min(d, (1+n)/(10+n))``). log_every, eval_every, ckpt_every, keep_last: intervals in steps (0 disables
+            eval/checkpoints; a checkpoint and, with ``eval_at_end``, an evaluation follow the last step) and
+            checkpoints kept. num_workers, num_threads: loader processes; torch CPU threads during fit (0: as is).
+            precision: ``"bf16"`` (autocast on CUDA) or ``"fp32"``. device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"``.
+            resume: ``"auto"`` (newest checkpoint of ``out_dir`` that verifies), ``"none"`` or a path. overwrite:
+            let ``resume=none`` replace a finished run's checkpoints. reset_ema: resume a checkpoint without EMA
+            weights with the EMA restarted from the raw ones. warmup_steps, lr_schedule, min_lr_ratio: the default
+            schedule (:func:`lr_factor`). max_bad_steps: consecutive non-finite steps before stopping.
+            max_weight_growth: the run is unhealthy (no checkpoint is written) when the weights' norm grew more than
+            this factor since the last healthy checkpoint (0: only finiteness is checked). progress, tensorboard,
+            eval_at_end, find_unused_parameters (DDP). handle_signals: SIGINT/SIGTERM/SIGUSR1 finish the current
+            step, write a checkpoint and return ``interrupted=True`` (``trainer.resume=auto`` continues exactly).
+
+    Exceptions during a step (a corrupt image, a second Ctrl-C) write an emergency checkpoint of the last complete
+    step when the state is healthy and single-process, then propagate.
     """
 
     def __init__(
@@ -129,59 +226,17 @@ class Trainer:
         data: DataModule,
         optimizer: OptimizerFactory | torch.optim.Optimizer,
         *,
-        max_steps: int,
-        batch_size: int,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-        grad_clip: float = 1.0,
-        ema_decay: float = 0.9999,
-        log_every: int = 50,
-        eval_every: int = 0,
-        ckpt_every: int = 1000,
-        keep_last: int = 3,
-        num_workers: int = 0,
-        accum_steps: int = 1,
-        precision: str = "bf16",
-        device: str = "auto",
-        resume: str = "auto",
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.0,
-        max_bad_steps: int = 10,
         seed: int = 0,
         out_dir: str | Path = "outputs/run",
         config: dict[str, Any] | None = None,
-        progress: bool = True,
-        tensorboard: bool = True,
-        eval_at_end: bool = True,
-        find_unused_parameters: bool = False,
-        handle_signals: bool = True,
-        num_threads: int = 0,
+        **options: Any,
     ) -> None:
         if not isinstance(task, nn.Module) or not isinstance(getattr(task, "model", None), nn.Module):
             raise TypeError(f"Trainer: task must be an nn.Module with a .model submodule, got {type(task).__name__}")
-        if max_steps < 0 or log_every <= 0 or accum_steps <= 0 or max_bad_steps <= 0:
-            raise ValueError(
-                f"Trainer: need max_steps >= 0, log_every > 0, accum_steps > 0, max_bad_steps > 0; got {max_steps}, "
-                f"{log_every}, {accum_steps}, {max_bad_steps}"
-            )
-        if precision not in ("bf16", "fp32"):
-            raise ValueError(f"trainer.precision={precision!r}: use 'bf16' or 'fp32'")
-        lr_factor(0, max(1, max_steps), warmup_steps, lr_schedule, min_lr_ratio)  # validates the schedule name
+        self.cfg = trainer_config(options)
         self.task, self.data, self.optimizer_spec, self.scheduler_spec = task, data, optimizer, scheduler
-        self.max_steps, self.batch_size = max_steps, batch_size
-        self.grad_clip, self.ema_decay = grad_clip, ema_decay
-        self.log_every, self.eval_every, self.ckpt_every, self.keep_last = log_every, eval_every, ckpt_every, keep_last
-        self.num_workers, self.accum_steps, self.precision, self.device_name = (
-            num_workers,
-            accum_steps,
-            precision,
-            device,
-        )
-        self.resume = str(resume)
-        self.warmup_steps, self.lr_schedule, self.min_lr_ratio = warmup_steps, lr_schedule, min_lr_ratio
-        self.max_bad_steps, self.seed, self.out_dir, self.config = max_bad_steps, seed, Path(out_dir), config
-        self.progress, self.tensorboard, self.eval_at_end = progress, tensorboard, eval_at_end
-        self.find_unused_parameters = find_unused_parameters
+        self.seed, self.out_dir, self.config = seed, Path(out_dir), config
         self.step = 0
         self.bad_steps = 0  # total skipped steps
         self.ema: EMA | None = None
@@ -189,32 +244,45 @@ class Trainer:
         self.scheduler: Any = None
         self.last_eval: dict[str, Any] = {}
         self.last_checkpoint: Path | None = None
-        self._steps_per_epoch = max(1, len(data.train) // max(1, batch_size))
-        self.handle_signals = handle_signals
-        if num_threads < 0:
-            raise ValueError(f"trainer.num_threads={num_threads}: use 0 (torch's default) or a positive count")
-        self.num_threads = num_threads
+        self._steps_per_epoch = max(1, len(data.train) // max(1, self.cfg.batch_size))
         self._stop_signal: str | None = None
         self.interrupted = False
+        self.stop_signal: str | None = None
+        self._history: list[dict[str, Any]] = []  # config changes applied at each resume (stored in checkpoints)
 
-    # -- pieces --------------------------------------------------------------------------------------------------
-    def _resume_path(self) -> Path | None:
-        if self.resume in ("none", "None", "null", "false", "False", ""):
-            return None
-        if self.resume == "auto":
-            return find_checkpoint(self.out_dir / "checkpoints")
-        found = find_checkpoint(self.resume)
-        if found is None:
-            raise FileNotFoundError(
-                f"trainer.resume={self.resume}: no checkpoint there (expected a step_N folder with state.json or a run "
-                "folder); use trainer.resume=auto or none"
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.max_steps
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> None:
+        """Check and lock ``out_dir`` (rank 0): a file, a read-only folder or a live run there stops here."""
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(
+                f"out_dir {out} is a file, not a folder: choose another out_dir (the file is kept)"
             )
-        return found
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock = OutDirLock(out)
+            note = self._lock.acquire()
+        except OSError as err:
+            raise OSError(
+                err.errno, f"out_dir {out} cannot be written ({err.strerror or err}): choose a writable out_dir"
+            ) from None
+        if note:
+            print(f"[unirep] {out}: {note}", flush=True)
+        removed = clean_leftovers(out / "checkpoints")
+        if removed:
+            print(f"[unirep] removed leftovers of killed runs: {', '.join(p.name for p in removed)}", flush=True)
 
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if isinstance(self.optimizer_spec, torch.optim.Optimizer):
             return self.optimizer_spec
-        opt = self.optimizer_spec(params)
+        try:
+            opt = self.optimizer_spec(params)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"optimizer: building it failed ({err}); check the values under optimizer.") from err
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer: the factory returned {type(opt).__name__}; use a torch optimizer with _partial_: true"
@@ -224,45 +292,272 @@ class Trainer:
     def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         if self.scheduler_spec is not None:
             return self.scheduler_spec(optimizer)
-        max_steps, warm, sched, min_ratio = self.max_steps, self.warmup_steps, self.lr_schedule, self.min_lr_ratio
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, max_steps, warm, sched, min_ratio))
+        c = self.cfg  # the closure reads the config, so a resume with a new max_steps recomputes the schedule
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, c.max_steps, c.warmup_steps, c.lr_schedule, c.min_lr_ratio)
+        )
 
-    def _rng_all_ranks(self) -> list:
-        return dist_utils.all_gather_object(rng_state())
-
-    def save(self, step: int) -> Path | None:
-        """Write a checkpoint (rank 0); every rank takes part because the RNG states of all ranks are gathered."""
-        rng = self._rng_all_ranks()
-        path = None
-        if dist_utils.is_main():
-            extra = {
-                "bad_steps": self.bad_steps,
-                # the data position is a function of (seed, step, batch_size): recorded here for reading and checks
-                "data": {
-                    "seed": self.seed,
-                    "batch_size": self.batch_size,
-                    "world_size": dist_utils.world_size(),
-                    "accum_steps": self.accum_steps,
-                    "steps_per_epoch": self._steps_per_epoch,
-                    "epoch": step // self._steps_per_epoch,
-                    "step_in_epoch": step % self._steps_per_epoch,
-                },
-            }
-            path = save_checkpoint(
-                self.out_dir / "checkpoints",
-                step,
-                self.task,
-                ema=self.ema,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                config=self.config,
-                rng=rng,
-                extra=extra,
-                keep_last=self.keep_last,
+    def _setup(self) -> None:
+        """Device, out_dir lock, optimiser, scheduler and EMA."""
+        self.device = dist_utils.init_distributed(self.cfg.device)
+        self.world, self.main = dist_utils.world_size(), dist_utils.is_main()
+        self._lock = None
+        if self.main:
+            self._prepare_out_dir()
+        task = self.task.to(self.device)
+        task.train()
+        self.params = [p for p in task.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(
+                f"{type(task).__name__} has no trainable parameters (requires_grad=True): nothing to train"
             )
-            self.last_checkpoint = path
-        dist_utils.barrier()
-        return path
+        self.optimizer = self._build_optimizer(self.params)
+        self.scheduler = self._build_scheduler(self.optimizer)
+        self.ema = EMA(task.model, self.cfg.ema_decay, warmup=self.cfg.ema_warmup)
+
+    # -- resume ----------------------------------------------------------------------------------------------------
+    def _resume_path(self) -> Path | None:
+        resume = str(self.cfg.resume)
+        if resume in ("none", "None", "null", "false", "False", ""):
+            return None
+        if resume == "auto":
+            if find_checkpoint(self.out_dir / "checkpoints") is None:
+                return None
+            return resolve_checkpoint(self.out_dir / "checkpoints", log=self._log)
+        if find_checkpoint(resume) is None:
+            raise FileNotFoundError(
+                f"trainer.resume={resume}: no checkpoint there (expected a step_N folder with state.json or a run "
+                "folder); use trainer.resume=auto or none"
+            )
+        return resolve_checkpoint(resume, log=self._log)
+
+    def _log(self, msg: str) -> None:
+        if dist_utils.is_main():
+            print(msg, flush=True)
+
+    def _guard_existing(self, start: int, source: Path | None) -> None:
+        """Refuse to mix this run's checkpoints with another run's in ``out_dir`` unless ``trainer.overwrite``."""
+        root = self.out_dir / "checkpoints"
+        clash = [
+            p
+            for p in list_checkpoints(root)
+            if int(p.name.split("_")[1]) >= start and (source is None or p.resolve() != source.resolve())
+        ]
+        if not clash:
+            return
+        if not self.cfg.overwrite:
+            how = "trainer.resume=none" if source is None else f"resuming {source} at step {start}"
+            raise FileExistsError(
+                f"{root} already holds checkpoints of another run ({', '.join(p.name for p in clash[-3:])}) and {how} "
+                "would mix this run's with them: continue it with trainer.resume=auto, choose another out_dir, or pass "
+                "trainer.overwrite=true to delete them"
+            )
+        for p in clash:
+            _remove_checkpoint(p)
+        self._log(f"[unirep] trainer.overwrite=true: deleted {len(clash)} checkpoint(s) of the earlier run in {root}")
+
+    def _resume(self) -> int:
+        """Load the checkpoint to resume (if any) and reconcile its config with this run's; returns the start step."""
+        source = self._resume_path() if self.main or self.world == 1 else None
+        if self.world > 1:  # rank 0 resolved (and verified) the path; every rank loads that same folder
+            source = dist_utils.all_gather_object(source)[0]
+        start = 0
+        if source is None:
+            seed_everything(self.seed + dist_utils.rank())
+        else:
+            start = self._load(source)
+        if self.main:
+            self._guard_existing(start, source)
+        self.step = start
+        self._resumed = source is not None
+        return start
+
+    def _load(self, source: Path) -> int:
+        state = read_state(source)
+        stored = state.get("config")
+        applied = self._check_config(stored, source) if isinstance(stored, dict) and self.config else {}
+        reset_ema = self.cfg.reset_ema and not (source / "ema.safetensors").is_file()
+        load_checkpoint(
+            source,
+            self.task,
+            None if reset_ema else self.ema,
+            self.optimizer,
+            self.scheduler,
+            restore_rng=True,
+            rank=dist_utils.rank(),
+        )
+        if reset_ema:
+            self.ema = EMA(self.task.model, self.cfg.ema_decay, warmup=self.cfg.ema_warmup)
+            self._log(f"[unirep] {source} has no EMA weights: trainer.reset_ema=true restarts the EMA from the weights")
+        start = int(state["step"])
+        extra = state.get("extra", {})
+        self.bad_steps = int(extra.get("bad_steps", 0))
+        self._history = list(extra.get("resume_changes", []))
+        if applied:
+            self._apply_changes(applied, stored, start)
+            self._history.append({"step": start, "changes": {k: list(v) for k, v in applied.items()}})
+        self._warn_data_order(extra.get("data", {}), source)
+        self._log(f"[unirep] resumed from {source} at step {start}")
+        return start
+
+    def _check_config(self, stored: dict[str, Any], source: Path) -> dict[str, tuple]:
+        applicable, refused = config_changes(stored, self.config)
+        if refused:
+            shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:10])
+            raise ValueError(
+                f"resuming {source}: the run config differs in keys a resumed run cannot change ({shown}). Restore "
+                "them, or start a new run in another out_dir (or trainer.resume=none trainer.overwrite=true)"
+            )
+        return {k: v for k, v in applicable.items() if not k.startswith(("trainer.resume", "trainer.overwrite"))}
+
+    def _apply_changes(self, applied: dict[str, tuple], stored: dict[str, Any], start: int) -> None:
+        """Write changed optimiser values into the restored parameter groups; log every change and the new lr."""
+        lr_before = [g["lr"] for g in self.optimizer.param_groups]
+        for key, (old, new) in applied.items():
+            name = key.split(".", 1)[1]
+            if not key.startswith("optimizer."):
+                continue
+            for i, group in enumerate(self.optimizer.param_groups):
+                if name == "lr" and isinstance(old, (int, float)) and old:
+                    ratio = float(new) / float(old)  # keeps the schedule's position and any per-group scale
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+                    if hasattr(self.scheduler, "base_lrs"):
+                        self.scheduler.base_lrs[i] *= ratio
+                elif name in group:
+                    group[name] = tuple(new) if isinstance(group[name], tuple) else new
+                else:
+                    raise ValueError(f"resume: {key} changed but the optimiser has no {name!r} to set")
+        if any(k in applied for k in _SCHEDULE_KEYS) and self.scheduler_spec is None:
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["lr"] = base * factor
+        shown = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in applied.items())
+        lr_after = [g["lr"] for g in self.optimizer.param_groups]
+        self._log(f"[unirep] resume at step {start} applies: {shown}; lr {lr_before[0]:.4g} -> {lr_after[0]:.4g}")
+
+    def _warn_data_order(self, saved: dict[str, Any], source: Path) -> None:
+        c = self.cfg
+        if saved and (saved.get("batch_size"), saved.get("seed")) != (c.batch_size, self.seed):
+            warnings.warn(
+                f"resuming {source} with batch_size/seed {c.batch_size}/{self.seed} instead of "
+                f"{saved.get('batch_size')}/{saved.get('seed')}: the data order will differ from the original run",
+                stacklevel=3,
+            )
+
+    # -- the loader, the logger ------------------------------------------------------------------------------------
+    def _build_loader(self, start: int) -> Iterator:
+        c = self.cfg
+        sampler = ResumableBatchSampler(
+            len(self.data.train), c.batch_size, self.seed, start, dist_utils.rank(), self.world, c.accum_steps
+        )
+        self._steps_per_epoch = sampler.steps_per_epoch
+        loader = DataLoader(
+            self.data.train,
+            batch_sampler=sampler,
+            collate_fn=self.data.collate_fn,
+            num_workers=c.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # the loader draws its worker base seed from this generator, not from the global one, which would
+            # otherwise shift the task's random stream on every (re)start
+            generator=torch.Generator().manual_seed(self.seed + 1_000_003 * start),
+        )
+        return iter(loader)
+
+    # -- one step --------------------------------------------------------------------------------------------------
+    def _forward_backward(self, batches: Iterator, step: int) -> dict[str, torch.Tensor]:
+        """``accum_steps`` micro-batches: forward, backward of loss / accum_steps; returns the averaged outputs."""
+        sums: dict[str, torch.Tensor] = {}
+        n = self.cfg.accum_steps
+        for micro in range(n):
+            batch = to_device(next(batches), self.device)
+            sync = self.wrapped.no_sync() if (self.world > 1 and micro < n - 1) else nullcontext()
+            with sync:
+                with self.autocast:
+                    out = self.wrapped(batch, step)
+                if "loss" not in out:
+                    raise KeyError(
+                        f"{type(self.task).__name__}.forward must return a dict with 'loss'; got {list(out)}"
+                    )
+                (out["loss"].float() / n).backward()
+            for k, v in out.items():
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=self.device)
+                if v.numel() != 1:
+                    raise ValueError(
+                        f"{type(self.task).__name__}.forward returned {k!r} with shape {tuple(v.shape)}: every "
+                        "entry must be a scalar (reduce it, e.g. .mean(), before returning)"
+                    )
+                sums[k] = sums.get(k, 0) + v.reshape(()) / n
+        return sums
+
+    def _train_step(self, batches: Iterator, step: int) -> bool:
+        """One optimiser step (or a skipped one); returns whether every rank asked to stop."""
+        if self.world == 1:  # the generators as the step starts: what an emergency checkpoint of this step stores
+            self._rng_at_step = rng_state()
+        self._phase = "step"
+        sums = self._forward_backward(batches, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self._max_norm)
+        ok = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
+        stop = self._stop_signal is not None
+        if self.world > 1:  # every rank must take the same decisions: [apply this step, keep running]
+            flags = torch.stack([ok.float(), torch.tensor(float(not stop))]).to(self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+            ok, stop = flags[0] > 0, bool(flags[1] == 0)
+        self._phase = "update"  # from here to the end of the step the state is half-updated
+        if bool(ok):
+            self.optimizer.step()
+            self.ema.update(self.task.model)
+            self._consecutive_bad = 0
+            if self._on_step_end is not None:
+                self._on_step_end(step)
+            for k, v in sums.items():
+                self._window[k] = self._window.get(k, 0) + v
+            self._window["grad_norm"] = self._window.get("grad_norm", 0) + grad_norm.detach().float()
+            self._window_steps += 1
+        else:
+            self._skip_step(step, sums["loss"], grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step = step + 1
+        self._phase = "done"
+        return stop if self.world > 1 else self._stop_signal is not None  # one process: a signal during this step
+
+    def _skip_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.bad_steps += 1
+        self._consecutive_bad += 1
+        self._log(
+            f"[unirep] step {step}: non-finite loss/gradient (loss={float(loss):.4g}, "
+            f"grad_norm={float(grad_norm):.4g}); update skipped ({self._consecutive_bad} in a row)"
+        )
+        if self._consecutive_bad >= self.cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{self._consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {step}, "
+                f"trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the learning rate, enable trainer.grad_clip, "
+                "use trainer.precision=fp32, or check the data for NaN/inf"
+            )
+
+    # -- log, eval, checkpoint -------------------------------------------------------------------------------------
+    def _log_window(self, done: int) -> None:
+        now = time.perf_counter()
+        keys = sorted(self._window)
+        vals = (
+            torch.stack([self._window[k].to(self.device) / max(1, self._window_steps) for k in keys]) if keys else None
+        )
+        if vals is not None:
+            vals = dist_utils.all_reduce_mean(vals).cpu()
+        if self.main:
+            row = dict(zip(keys, vals.tolist(), strict=True)) if vals is not None else {}
+            row.update(
+                lr=self.optimizer.param_groups[0]["lr"],
+                bad_steps=self.bad_steps,
+                steps_per_sec=self._window_steps / max(now - self._t_last, 1e-9) if self._window_steps else 0.0,
+                epoch=(done - 1) // self._steps_per_epoch,
+            )
+            self.logger.log(done, row)
+            if "loss" in row:
+                self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.3g}")
+        self._window, self._window_steps, self._t_last = {}, 0, now
 
     def evaluate(self, step: int, logger: MetricLogger | None) -> dict[str, Any]:
         """``task.evaluate`` on rank 0 with the EMA weights in ``task.model``; the training RNG stream is untouched."""
@@ -284,225 +579,207 @@ class Trainer:
         self.last_eval = metrics
         return metrics
 
+    def _weight_norm(self) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in self.params])))
+
+    def health(self) -> str | None:
+        """Why the run is unhealthy (a checkpoint now would preserve a broken state), or None when it is healthy."""
+        if self._consecutive_bad:
+            return f"the last {self._consecutive_bad} step(s) had a non-finite loss or gradient"
+        norm = self._weight_norm()
+        if not math.isfinite(norm):
+            return "the weights hold NaN or inf"
+        if not all(bool(torch.isfinite(v).all()) for v in self.ema.shadow.values() if v.is_floating_point()):
+            return "the EMA weights hold NaN or inf"
+        growth = self.cfg.max_weight_growth
+        if growth > 0 and norm > growth * max(self._healthy_norm, 1e-12):
+            return (
+                f"the weights' norm grew {norm / max(self._healthy_norm, 1e-12):.3g}x (to {norm:.3g}) since the last "
+                f"healthy checkpoint (trainer.max_weight_growth={growth:g})"
+            )
+        return None
+
+    def save(self, step: int, rng: Any = None) -> Path | None:
+        """Write a checkpoint (rank 0) when the run is healthy; every rank takes part (RNG states are gathered)."""
+        why = self.health()
+        if why is not None:
+            self._log(f"[unirep] no checkpoint at step {step}: {why}; the last healthy one is {self.last_checkpoint}")
+            return None
+        rng = dist_utils.all_gather_object(rng_state()) if rng is None else [rng]
+        path = None
+        if dist_utils.is_main():
+            c = self.cfg
+            extra = {
+                "bad_steps": self.bad_steps,
+                "resume_changes": self._history,
+                # the data position is a function of (seed, step, batch_size): recorded here for reading and checks
+                "data": {
+                    "seed": self.seed,
+                    "batch_size": c.batch_size,
+                    "world_size": dist_utils.world_size(),
+                    "accum_steps": c.accum_steps,
+                    "steps_per_epoch": self._steps_per_epoch,
+                    "epoch": step // self._steps_per_epoch,
+                    "step_in_epoch": step % self._steps_per_epoch,
+                },
+            }
+            path = save_checkpoint(
+                self.out_dir / "checkpoints",
+                step,
+                self.task,
+                ema=self.ema,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                config=self.config,
+                rng=rng,
+                extra=extra,
+                keep_last=c.keep_last,
+            )
+            self.last_checkpoint = path
+        self._healthy_norm, self._saved_step = self._weight_norm(), step
+        dist_utils.barrier()
+        return path
+
+    def _emergency_checkpoint(self, err: BaseException) -> None:
+        """After an exception: save the last complete step if the state is consistent, healthy and not saved yet."""
+        phase = getattr(self, "_phase", None)
+        if self.world > 1 or phase not in ("step", "done") or self.step in (self._start, self._saved_step):
+            return
+        try:
+            path = self.save(self.step, rng=self._rng_at_step if phase == "step" else rng_state())
+        except Exception as save_err:  # noqa: BLE001 (the original error is the one to report)
+            self._log(f"[unirep] emergency checkpoint failed too: {save_err}")
+            return
+        if path is not None:
+            self._log(
+                f"[unirep] {type(err).__name__} during step {self.step + (phase == 'step')}: emergency checkpoint of "
+                f"step {self.step} written to {path}; fix the cause and resume with trainer.resume=auto"
+            )
+
+    # -- signals -----------------------------------------------------------------------------------------------------
     def _install_signals(self) -> dict[int, Any]:
-        """Turn SIGTERM/SIGUSR1 into a stop at the end of the current step (main thread only)."""
-        self._stop_signal, self.interrupted = None, False
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+        """SIGTERM/SIGUSR1/SIGINT stop at the end of the current step (main thread); a second SIGINT interrupts."""
+        self._stop_signal, self.interrupted, self.stop_signal = None, False, None
+        if not self.cfg.handle_signals or threading.current_thread() is not threading.main_thread():
             return {}
 
         def handler(signum: int, frame: Any) -> None:
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt  # pressed twice: stop now (an emergency checkpoint is still tried)
             self._stop_signal = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                print("\n[unirep] Ctrl-C: finishing the step and writing a checkpoint (again to stop now)", flush=True)
 
         previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             previous[sig] = signal.signal(sig, handler)
         return previous
 
-    @staticmethod
-    def _restore_signals(previous: dict[int, Any]) -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def _start_loop(self, start: int) -> None:
+        """Loader, autocast, logger, progress bar and the per-run counters."""
+        c = self.cfg
+        self.wrapped: nn.Module = self.task
+        if self.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.task,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=c.find_unused_parameters,
+            )
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and c.precision == "bf16"
+            else nullcontext()
+        )
+        resume_step = start if self._resumed else None
+        self.logger = MetricLogger(self.out_dir, resume_step, tensorboard=c.tensorboard) if self.main else None
+        from tqdm.auto import tqdm
 
-    # -- the loop ------------------------------------------------------------------------------------------------
+        self.bar = tqdm(
+            total=c.max_steps, initial=start, unit="step", disable=not (c.progress and self.main), dynamic_ncols=True
+        )
+        self._on_step_end = getattr(self.task, "on_step_end", None)
+        self._max_norm = c.grad_clip if c.grad_clip and c.grad_clip > 0 else float("inf")
+        self._window, self._window_steps, self._consecutive_bad, self._t_last = {}, 0, 0, time.perf_counter()
+        self._healthy_norm, self._saved_step = self._weight_norm(), start
+
+    def _loop(self, batches: Iterator, start: int) -> None:
+        c = self.cfg
+        evaluated_at = -1
+        for step in range(start, c.max_steps):
+            stop = self._train_step(batches, step)
+            done = self.step
+            self.bar.update(1)
+            if done % c.log_every == 0 or done == c.max_steps:
+                self._log_window(done)
+            if c.eval_every > 0 and done % c.eval_every == 0:
+                self.evaluate(done, self.logger)
+                evaluated_at = done
+            self._phase = "save"
+            if (c.ckpt_every > 0 and done % c.ckpt_every == 0) or done == c.max_steps or stop:
+                self.save(done)
+            self._phase = "done"
+            if stop:  # one process stops right after the step in which the signal came; ranks agreed on it
+                self.interrupted, self.stop_signal = True, self._stop_signal or "SIGTERM"
+                written = "checkpoint written" if self._saved_step == done else "no checkpoint (unhealthy run)"
+                self._log(
+                    f"[unirep] stopped by {self._stop_signal or 'a signal on another rank'} after step {done}; "
+                    f"{written}, resume with trainer.resume=auto"
+                )
+                return
+        self._finish(start, evaluated_at)
+
+    def _finish(self, start: int, evaluated_at: int) -> None:
+        why = self.health() if self.step > start else None
+        if why is not None:
+            raise FloatingPointError(
+                f"training ended unhealthy at step {self.step} ({why}); no checkpoint was written while unhealthy. The "
+                f"last healthy checkpoint is {self.last_checkpoint or 'none of this run'}: resume from it "
+                "(trainer.resume=<its folder>) with a lower learning rate or stronger trainer.grad_clip"
+            )
+        if self.cfg.eval_at_end and evaluated_at != self.step and (self.step > start or not self.last_eval):
+            self.evaluate(self.step, self.logger)
+
     def fit(self) -> dict[str, Any]:
         """Train up to ``max_steps`` (resuming if asked).
 
-        Returns ``{"interrupted", "step", "eval", "checkpoint", "bad_steps"}``: whether a signal stopped the run, the
-        steps done, the last evaluation's metrics, the last checkpoint folder (rank 0) and the skipped steps.
+        Returns ``{"interrupted", "signal", "step", "eval", "checkpoint", "bad_steps"}``: whether a signal stopped
+        the run (and which), the steps done, the last evaluation's metrics, the last checkpoint folder (rank 0) and
+        the skipped steps.
         """
-        device = dist_utils.init_distributed(self.device_name)
-        rank, world = dist_utils.rank(), dist_utils.world_size()
-        main = rank == 0
-        task = self.task.to(device)
-        task.train()
-        params = [p for p in task.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                f"{type(task).__name__} has no trainable parameters (requires_grad=True): nothing to train"
-            )
-        self.optimizer = optimizer = self._build_optimizer(params)
-        self.scheduler = scheduler = self._build_scheduler(optimizer)
-        self.ema = ema = EMA(task.model, self.ema_decay)
-
-        resume_from = self._resume_path()
-        start = 0
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, task, ema, optimizer, scheduler, restore_rng=True, rank=rank)
-            start = int(state["step"])
-            extra = state.get("extra", {})
-            self.bad_steps = int(extra.get("bad_steps", 0))
-            saved = extra.get("data", {})
-            if saved and (saved.get("batch_size"), saved.get("seed")) != (self.batch_size, self.seed):
-                warnings.warn(
-                    f"resuming {resume_from} with batch_size/seed {self.batch_size}/{self.seed} instead of "
-                    f"{saved.get('batch_size')}/{saved.get('seed')}: the data order will differ from the original run",
-                    stacklevel=2,
-                )
-            if main:
-                print(f"[unirep] resumed from {resume_from} at step {start}", flush=True)
-        else:
-            seed_everything(self.seed + rank)
-        self.step = start
-
-        wrapped: nn.Module = task
-        if world > 1:
-            wrapped = nn.parallel.DistributedDataParallel(
-                task,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=self.find_unused_parameters,
-            )
-        sampler = ResumableBatchSampler(
-            len(self.data.train), self.batch_size, self.seed, start, rank, world, self.accum_steps
-        )
-        self._steps_per_epoch = sampler.steps_per_epoch
-        loader = DataLoader(
-            self.data.train,
-            batch_sampler=sampler,
-            collate_fn=self.data.collate_fn,
-            num_workers=self.num_workers,
-            pin_memory=device.type == "cuda",
-            # the loader draws its worker base seed from this generator, not from the global one, which would
-            # otherwise shift the task's random stream on every (re)start
-            generator=torch.Generator().manual_seed(self.seed + 1_000_003 * start),
-        )
-        batches = iter(loader)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and self.precision == "bf16"
-            else nullcontext()
-        )
-        logger = (
-            MetricLogger(self.out_dir, resume_step=start if resume_from else None, tensorboard=self.tensorboard)
-            if main
-            else None
-        )
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=self.max_steps, initial=start, unit="step", disable=not (self.progress and main), dynamic_ncols=True
-        )
-        on_step_end = getattr(task, "on_step_end", None)
-        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
-        window: dict[str, torch.Tensor] = {}
-        window_steps, consecutive_bad, t_last, evaluated_at = 0, 0, time.perf_counter(), -1
-        previous_handlers = self._install_signals()
-        threads = torch.get_num_threads()
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
+        self._phase, self._start, self._saved_step, self.logger, self.bar, batches = None, 0, 0, None, None, None
+        self._lock = None
+        previous_handlers, threads = self._install_signals(), torch.get_num_threads()
         try:
-            for step in range(start, self.max_steps):
-                sums: dict[str, torch.Tensor] = {}
-                for micro in range(self.accum_steps):
-                    batch = to_device(next(batches), device)
-                    last = micro == self.accum_steps - 1
-                    sync = wrapped.no_sync() if (world > 1 and not last) else nullcontext()
-                    with sync:
-                        with autocast:
-                            out = wrapped(batch, step)
-                        if "loss" not in out:
-                            raise KeyError(
-                                f"{type(task).__name__}.forward must return a dict with 'loss'; got {list(out)}"
-                            )
-                        (out["loss"].float() / self.accum_steps).backward()
-                    for k, v in out.items():
-                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device)
-                        if v.numel() != 1:
-                            raise ValueError(
-                                f"{type(task).__name__}.forward returned {k!r} with shape {tuple(v.shape)}: every "
-                                "entry must be a scalar (reduce it, e.g. .mean(), before returning)"
-                            )
-                        sums[k] = sums.get(k, 0) + v.reshape(()) / self.accum_steps
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                ok = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
-                if world > 1:  # every rank must take the same decisions: [apply this step, keep running]
-                    flags = torch.stack([ok.float(), torch.tensor(float(not self._stop_signal))]).to(device)
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-                    ok, stop_all = flags[0] > 0, bool(flags[1] == 0)
-                if bool(ok):
-                    optimizer.step()
-                    ema.update(task.model)
-                    consecutive_bad = 0
-                    if on_step_end is not None:
-                        on_step_end(step)
-                    for k, v in sums.items():
-                        window[k] = window.get(k, 0) + v
-                    window["grad_norm"] = window.get("grad_norm", 0) + grad_norm.detach().float()
-                    window_steps += 1
-                else:
-                    self.bad_steps += 1
-                    consecutive_bad += 1
-                    if main:
-                        print(
-                            f"[unirep] step {step}: non-finite loss/gradient (loss={float(sums['loss']):.4g}, "
-                            f"grad_norm={float(grad_norm):.4g}); update skipped ({consecutive_bad} in a row)",
-                            flush=True,
-                        )
-                    if consecutive_bad >= self.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step "
-                            f"{step}, trainer.max_bad_steps={self.max_bad_steps}): lower the learning rate, enable "
-                            "trainer.grad_clip, use trainer.precision=fp32, or check the data for NaN/inf"
-                        )
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                done = step + 1
-                self.step = done
-                bar.update(1)
-
-                if done % self.log_every == 0 or done == self.max_steps:
-                    now = time.perf_counter()
-                    keys = sorted(window)
-                    vals = torch.stack([window[k].to(device) / max(1, window_steps) for k in keys]) if keys else None
-                    if vals is not None:
-                        vals = dist_utils.all_reduce_mean(vals).cpu()
-                    if main:
-                        row = dict(zip(keys, vals.tolist(), strict=True)) if vals is not None else {}
-                        row.update(
-                            lr=optimizer.param_groups[0]["lr"],
-                            bad_steps=self.bad_steps,
-                            steps_per_sec=window_steps / max(now - t_last, 1e-9) if window_steps else 0.0,
-                            epoch=step // sampler.steps_per_epoch,
-                        )
-                        logger.log(done, row)
-                        if "loss" in row:
-                            bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.3g}")
-                    window, window_steps, t_last = {}, 0, now
-                if self.eval_every and self.eval_every > 0 and done % self.eval_every == 0:
-                    self.evaluate(done, logger)
-                    evaluated_at = done
-                # one process stops right after the step in which the signal came; ranks agree on the flag above
-                stop = stop_all if world > 1 else self._stop_signal is not None
-                if (self.ckpt_every and self.ckpt_every > 0 and done % self.ckpt_every == 0) or done == self.max_steps:
-                    self.save(done)
-                elif stop:
-                    self.save(done)
-                if stop:
-                    self.interrupted = True
-                    if main:
-                        print(
-                            f"[unirep] stopped by {self._stop_signal or 'a signal on another rank'} after step {done}; "
-                            f"checkpoint written, resume with trainer.resume=auto",
-                            flush=True,
-                        )
-                    break
-            if (
-                not self.interrupted
-                and self.eval_at_end
-                and evaluated_at != self.step
-                and (self.step > start or not self.last_eval)
-            ):
-                self.evaluate(self.step, logger)
+            self._setup()
+            self._start = start = self._resume()
+            batches = self._build_loader(start)
+            self._start_loop(start)
+            if self.cfg.num_threads:
+                torch.set_num_threads(self.cfg.num_threads)
+            self._loop(batches, start)
+        except BaseException as err:
+            self._emergency_checkpoint(err)
+            raise
         finally:
-            torch.set_num_threads(threads)
-            self._restore_signals(previous_handlers)
-            bar.close()
-            if logger is not None:
-                logger.close()
+            self._cleanup(previous_handlers, threads)
             del batches
         return {
             "interrupted": self.interrupted,
+            "signal": self.stop_signal,
             "step": self.step,
             "eval": self.last_eval,
             "checkpoint": self.last_checkpoint,
             "bad_steps": self.bad_steps,
         }
+
+    def _cleanup(self, previous_handlers: dict[int, Any], threads: int) -> None:
+        torch.set_num_threads(threads)
+        for sig, old in previous_handlers.items():
+            signal.signal(sig, old)
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        if self._lock is not None:
+            self._lock.release()
