@@ -395,3 +395,347 @@ def pairwise_alignment(
     if math.isnan(best):
         raise ValueError("pairwise_alignment: every score is NaN")
     return best, (i, j), scores
+
+
+# =============================================================================================================
+# Calibration and the convergence papers' other measures (issue 18; owned by the convergence study)
+#
+# - distance_correlation: Székely, Rizzo & Bakirov 2007 (biased V-statistic dCor) or the bias-corrected squared
+#   dCor of Székely & Rizzo 2014 (U-centred distance matrices); Edamadaka et al. 2025 report it next to CKNNA.
+# - twonn_dimension: TwoNN intrinsic dimension (Facco, d'Errico, Rodriguez & Laio 2017, Sci. Rep. 7, 12140).
+# - information_imbalance: Glielmo, Zeni, Cheng, Csányi & Laio 2022 (PNAS Nexus 1, pgac039): Delta(A -> B) =
+#   2/N <rank in B of each point's nearest neighbour in A>; ~0 when A predicts B's neighbourhoods, ~1 when it
+#   carries no information about them.
+# - permutation_null / gaussian_floor / benjamini_hochberg: calibration of any pair metric.
+# - farthest_point_sampling, anchor_embedding, anchor_ot_distance, anchor_retrieval: Li & Walsh 2025's shared
+#   anchor space (anchor-relative cosines to the same K items in every model) and direct comparison there.
+# - spearman_bootstrap: rank correlation with a percentile bootstrap interval and a permutation p-value.
+# Every n x n quantity is built in row chunks (``_chunk_rows``), so n = 10,000 never stores an n x n matrix.
+# =============================================================================================================
+__all__ += [  # noqa: PLE0605 (extends the list above)
+    "distance_correlation",
+    "twonn_dimension",
+    "information_imbalance",
+    "permutation_null",
+    "gaussian_floor",
+    "benjamini_hochberg",
+    "farthest_point_sampling",
+    "anchor_embedding",
+    "anchor_ot_distance",
+    "anchor_retrieval",
+    "spearman_bootstrap",
+    "PAIR_METRICS",
+    "LOWER_IS_BETTER",
+]
+
+
+def _sq_dist_rows(x: Tensor, sl: slice) -> Tensor:
+    """Squared Euclidean distances of rows ``sl`` to all rows ``[c, n]`` (float32, exact zeros on the diagonal)."""
+    x = x.float()
+    sq = x.pow(2).sum(1)
+    d2 = (sq[sl, None] + sq[None, :] - 2.0 * x[sl] @ x.T).clamp_min_(0.0)
+    r = torch.arange(d2.shape[0], device=x.device)
+    d2[r, r + sl.start] = 0.0
+    return d2
+
+
+def _dist_rows(x: Tensor, sl: slice) -> Tensor:
+    return _sq_dist_rows(x, sl).sqrt_()
+
+
+def distance_correlation(a: Tensor, b: Tensor, unbiased: bool = False) -> float:
+    """Distance correlation between ``a[n, d_a]`` and ``b[n, d_b]`` (Euclidean distances).
+
+    ``unbiased=False``: Székely et al. 2007's dCor = sqrt(dCov^2(a, b) / sqrt(dVar^2(a) dVar^2(b))) with
+    double-centred distance matrices (a V-statistic: in [0, 1], 1 for similarity transforms, positively biased
+    for independent data at small n). ``unbiased=True``: the bias-corrected *squared* dCor of Székely & Rizzo 2014
+    (U-centred matrices; ~0 for independent data, can be slightly negative). Double centring of a distance matrix
+    is ``H D H``, so dCov^2 = tr(D_a H D_b H) / n^2 and the U-centred version is Song et al.'s unbiased HSIC on the
+    distance matrices: both reuse the chunked HSIC sums.
+    """
+    a, b = _check(a, b, min_items=4 if unbiased else 2, what="distance_correlation")
+    n = a.shape[0]
+    st = _kernel_stats(a, b, _dist_rows)
+    if unbiased:
+        xy = _hsic_unbiased(st.kl, st.row_k, st.row_l, st.diag_k, st.diag_l, n)
+        xx = _hsic_unbiased(st.kk, st.row_k, st.row_k, st.diag_k, st.diag_k, n)
+        yy = _hsic_unbiased(st.ll, st.row_l, st.row_l, st.diag_l, st.diag_l, n)
+        return _ratio(xy, xx, yy, 0.0, "distance_correlation")
+    xy = _hsic_biased(st.kl, st.row_k, st.row_l, n)
+    xx = _hsic_biased(st.kk, st.row_k, st.row_k, n)
+    yy = _hsic_biased(st.ll, st.row_l, st.row_l, n)
+    return math.sqrt(max(_ratio(xy, xx, yy, 0.0, "distance_correlation"), 0.0))
+
+
+def _euclid_knn(x: Tensor, topk: int) -> tuple[Tensor, Tensor]:
+    """Indices and Euclidean distances ``[n, topk]`` of each row's nearest neighbours (self excluded), chunked."""
+    n = x.shape[0]
+    idx_out = torch.empty(n, topk, dtype=torch.long, device=x.device)
+    dist_out = torch.empty(n, topk, dtype=torch.float32, device=x.device)
+    step = _chunk_rows(n)
+    for s in range(0, n, step):
+        sl = slice(s, min(n, s + step))
+        d2 = _sq_dist_rows(x, sl)
+        r = torch.arange(d2.shape[0], device=x.device)
+        d2[r, r + s] = float("inf")  # exclude self
+        vals, idx = torch.topk(d2, topk, dim=1, largest=False)
+        idx_out[sl], dist_out[sl] = idx, vals.sqrt()
+    return idx_out, dist_out
+
+
+def twonn_dimension(x: Tensor, discard_fraction: float = 0.1, method: str = "fit") -> float:
+    """TwoNN intrinsic dimension (Facco et al. 2017) of the points ``x[n, d]`` (Euclidean distances).
+
+    mu_i = r2 / r1 (distances to the second and first nearest neighbours) is Pareto distributed with exponent d on a
+    locally uniform d-manifold. ``method="fit"`` is the paper's estimator: the slope through the origin of
+    ``-log(1 - F(mu))`` against ``log(mu)`` with the largest ``discard_fraction`` of mu left out (they are the
+    noisiest); ``"mle"`` is the maximum-likelihood ``(n - 1) / sum(log mu)``. Points with a duplicate (r1 = 0)
+    are dropped.
+    """
+    if isinstance(x, TokenSet):
+        x = x.x
+    if x.dim() != 2 or x.shape[0] < 3:
+        raise ValueError(f"twonn_dimension needs [n >= 3, d] points, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("twonn_dimension: points contain NaN or inf values")
+    _, dist = _euclid_knn(x.detach(), 2)
+    r1, r2 = dist[:, 0].double(), dist[:, 1].double()
+    keep = r1 > 0
+    mu = (r2[keep] / r1[keep]).clamp_min(1.0)
+    if mu.numel() < 3:
+        raise ValueError("twonn_dimension: fewer than 3 points without a duplicate")
+    if method == "mle":
+        return float((mu.numel() - 1) / torch.log(mu).sum())
+    if method != "fit":
+        raise ValueError(f"twonn_dimension method must be 'fit' or 'mle', got {method!r}")
+    mu = torch.sort(mu).values
+    m = mu.numel()
+    f = torch.arange(1, m + 1, dtype=torch.float64) / m  # empirical CDF
+    keep_n = max(2, int(math.floor(m * (1.0 - discard_fraction))))
+    xs, ys = torch.log(mu[:keep_n]), -torch.log1p(-f[:keep_n].clamp(max=1 - 1e-12))
+    return float((xs * ys).sum() / (xs * xs).sum().clamp_min(1e-300))
+
+
+def information_imbalance(a: Tensor, b: Tensor) -> float:
+    """Information imbalance Delta(a -> b) (Glielmo et al. 2022): ``2/n * mean_i rank_b(i, nn_a(i))``.
+
+    ``nn_a(i)`` is i's nearest neighbour in ``a`` (Euclidean, self excluded), ``rank_b(i, j)`` is j's rank among
+    i's neighbours in ``b`` (1 = nearest; ties count in j's favour). 0: a's neighbourhoods predict b's; ~1: a says
+    nothing about b. Asymmetric: Delta(b -> a) is ``information_imbalance(b, a)``.
+    """
+    a, b = _check(a, b, min_items=3, what="information_imbalance")
+    n = a.shape[0]
+    nn_a = _euclid_knn(a, 1)[0][:, 0]  # [n]
+    ranks = torch.empty(n, dtype=torch.float64)
+    step = _chunk_rows(n)
+    for s in range(0, n, step):
+        sl = slice(s, min(n, s + step))
+        d2 = _sq_dist_rows(b, sl)  # [c, n]
+        r = torch.arange(d2.shape[0])
+        target = d2[r, nn_a[sl]]  # distance in b to a's nearest neighbour
+        d2[r, r + s] = float("inf")  # self is not a neighbour
+        ranks[sl] = 1.0 + (d2 < target[:, None]).sum(1).double()
+    return float(2.0 * ranks.mean() / n)
+
+
+# -- calibration ----------------------------------------------------------------------------------------------
+def permutation_null(
+    fn: Callable[[Tensor, Tensor], float],
+    a: Tensor | Sequence[Tensor],
+    b: Tensor | Sequence[Tensor],
+    permutations: int = 99,
+    seed: int = 0,
+    higher_is_better: bool = True,
+    weights: Sequence[float] | None = None,
+    value: float | None = None,
+) -> dict[str, float]:
+    """Permutation null of a pair metric: shuffle the rows (items) of ``b``, recompute, ``permutations`` times.
+
+    ``a``/``b`` may be lists of parts (e.g. one per element group) scored as ``sum_k w_k fn(a_k, b_k)``; each part
+    is shuffled within itself. Returns ``value`` (the observed score), ``null_mean``, ``null_std``, ``p_value`` =
+    (1 + #{null at least as good as the observed}) / (1 + permutations) (the +1 correction: the observed order is
+    one of the permutations, so p is never 0), ``z`` = (value - null_mean) / null_std, and ``corrected`` = the gain
+    over the null mean, signed so that positive means better than chance (value - null_mean, or null_mean - value
+    for lower-is-better metrics).
+    """
+    pa = list(a) if not isinstance(a, Tensor) else [a]
+    pb = list(b) if not isinstance(b, Tensor) else [b]
+    w = list(weights) if weights is not None else [1.0] * len(pa)
+    if not (len(pa) == len(pb) == len(w)):
+        raise ValueError(f"permutation_null: {len(pa)} parts of a, {len(pb)} of b, {len(w)} weights")
+    if permutations < 1:
+        raise ValueError(f"permutation_null needs permutations >= 1, got {permutations}")
+
+    def score(parts_b: list[Tensor]) -> float:
+        return float(sum(wk * fn(xa, xb) for wk, xa, xb in zip(w, pa, parts_b, strict=True)))
+
+    obs = score(pb) if value is None else float(value)
+    g = torch.Generator().manual_seed(seed)
+    null = torch.tensor(
+        [score([xb[torch.randperm(xb.shape[0], generator=g)] for xb in pb]) for _ in range(permutations)],
+        dtype=torch.float64,
+    )
+    sign = 1.0 if higher_is_better else -1.0
+    as_good = int((sign * null >= sign * obs - 1e-12).sum())
+    mean, std = float(null.mean()), float(null.std()) if permutations > 1 else 0.0
+    return {
+        "value": obs,
+        "null_mean": mean,
+        "null_std": std,
+        "p_value": (1 + as_good) / (1 + permutations),
+        "z": (obs - mean) / std if std > 0 else float("nan"),
+        "corrected": sign * (obs - mean),
+    }
+
+
+def gaussian_floor(
+    fn: Callable[[Tensor, Tensor], float],
+    n: int,
+    dim_a: int,
+    dim_b: int,
+    draws: int = 3,
+    seed: int = 0,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """Width floor: mean score of two independent standard Gaussian feature sets ``[n, dim_a]``, ``[n, dim_b]``.
+
+    Most metrics have a chance level that depends on the widths and n (biased CKA of independent features grows
+    with ``sqrt(d_a d_b) / n``; mutual k-NN with the dimension), so scores of models of different widths are only
+    comparable above this floor. ``transform`` applies the study's preprocessing to each draw.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(draws):
+        xa, xb = torch.randn(n, dim_a, generator=g), torch.randn(n, dim_b, generator=g)
+        if transform is not None:
+            xa, xb = transform(xa), transform(xb)
+        vals.append(fn(xa, xb))
+    return float(sum(vals) / len(vals))
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order."""
+    p = torch.as_tensor(list(p_values), dtype=torch.float64)
+    m = p.numel()
+    if m == 0:
+        return []
+    order = torch.argsort(p)
+    scaled = p[order] * m / torch.arange(1, m + 1, dtype=torch.float64)
+    adj = torch.flip(torch.cummin(torch.flip(scaled, [0]), 0).values, [0]).clamp(max=1.0)
+    out = torch.empty_like(adj)
+    out[order] = adj
+    return out.tolist()
+
+
+# -- anchor space (Li & Walsh 2025) ---------------------------------------------------------------------------
+def farthest_point_sampling(x: Tensor, k: int, start: int = 0) -> Tensor:
+    """Indices of ``k`` rows of ``x[n, d]`` chosen greedily, each the farthest (Euclidean) from those already
+    chosen, starting at row ``start``: anchors that cover the data rather than its densest region (the aim of
+    Li & Walsh's DIRECT sampling), deterministic, O(n k d)."""
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"farthest_point_sampling: k must be in [1, n] = [1, {n}], got {k}")
+    x = x.detach().double()
+    chosen = [int(start)]
+    dmin = (x - x[start]).pow(2).sum(1)
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(dmin))
+        chosen.append(nxt)
+        dmin = torch.minimum(dmin, (x - x[nxt]).pow(2).sum(1))
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def anchor_embedding(x: Tensor, anchors: Tensor) -> Tensor:
+    """Cosine of every row of ``x[n, d]`` to the anchor rows ``x[anchors]`` -> ``[n, K]`` (Li & Walsh): models of
+    any width land in one K-dimensional space whose axes are the same items for every model."""
+    xn = F.normalize(x.float(), dim=1)
+    return xn @ xn[anchors].T
+
+
+def _non_anchor(n: int, anchors: Tensor) -> Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[anchors] = False  # an anchor's own coordinate is 1 in every model: a giveaway, not a comparison
+    return keep.nonzero().squeeze(1)
+
+
+def anchor_retrieval(a: Tensor, b: Tensor, anchors: Tensor) -> float:
+    """Cross-model retrieval in the shared anchor space: the share of items whose nearest neighbour (Euclidean)
+    among the other model's anchor-space embeddings is the same item, averaged over both directions (anchors
+    excluded; chance = 1 / number of items)."""
+    a, b = _check(a, b, min_items=3, what="anchor_retrieval")
+    anchors = torch.as_tensor(anchors, dtype=torch.long)
+    keep = _non_anchor(a.shape[0], anchors)
+    ea, eb = anchor_embedding(a, anchors)[keep], anchor_embedding(b, anchors)[keep]
+    m = ea.shape[0]
+    hits = 0
+    step = _chunk_rows(m)
+    for q, t in ((ea, eb), (eb, ea)):
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            nn = torch.cdist(q[s:e], t).argmin(1)  # [c]
+            hits += int((nn == torch.arange(s, e)).sum())
+    return hits / (2.0 * m)
+
+
+def anchor_ot_distance(a: Tensor, b: Tensor, anchors: Tensor, max_items: int = 2000, seed: int = 0) -> float:
+    """Optimal-transport (earth mover's) distance between two models' anchor-space embedding clouds.
+
+    Equal-size uniform point clouds: the optimal plan is a permutation (Birkhoff), found exactly by
+    ``scipy.optimize.linear_sum_assignment`` on the Euclidean cost; the value is the mean matched distance. It
+    compares the two clouds as sets (no item correspondence is used), which is what Li & Walsh's OT comparison
+    measures; ``anchor_retrieval`` uses the correspondence. Anchors are left out; above ``max_items`` a seeded
+    random subset (the same items for both models) keeps the cubic assignment affordable.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a, b = _check(a, b, min_items=3, what="anchor_ot_distance")
+    anchors = torch.as_tensor(anchors, dtype=torch.long)
+    keep = _non_anchor(a.shape[0], anchors)
+    if keep.numel() > max_items:
+        g = torch.Generator().manual_seed(seed)
+        keep = keep[torch.randperm(keep.numel(), generator=g)[:max_items]]
+    ea, eb = anchor_embedding(a, anchors)[keep].double(), anchor_embedding(b, anchors)[keep].double()
+    cost = torch.cdist(ea, eb).numpy()
+    r, c = linear_sum_assignment(cost)
+    return float(cost[r, c].mean())
+
+
+# -- the hypothesis test --------------------------------------------------------------------------------------
+def spearman_bootstrap(
+    x: Sequence[float], y: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """Spearman's rho of ``x`` and ``y`` with a percentile bootstrap interval (resampling pairs) and a
+    permutation p-value (two-sided, +1 corrected, ``n_boot`` shuffles). Resamples with fewer than 3 distinct
+    points or a constant side are skipped."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xs.shape != ys.shape or xs.size < 3:
+        raise ValueError(
+            f"spearman_bootstrap needs two equal-length sequences of >= 3 values, got {xs.size}, {ys.size}"
+        )
+    rho = float(spearmanr(xs, ys).statistic)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, xs.size, xs.size)
+        if np.unique(i).size < 3 or np.ptp(xs[i]) == 0 or np.ptp(ys[i]) == 0:
+            continue
+        boots.append(spearmanr(xs[i], ys[i]).statistic)
+    boots = np.asarray(boots, dtype=float)
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]) if boots.size else (np.nan, np.nan)
+    perm = np.asarray([spearmanr(xs, rng.permutation(ys)).statistic for _ in range(n_boot)])
+    p = (1 + int(np.sum(np.abs(perm) >= abs(rho) - 1e-12))) / (1 + n_boot)
+    return {"rho": rho, "lo": float(lo), "hi": float(hi), "p_value": float(p), "n": int(xs.size), "level": level}
+
+
+PAIR_METRICS: dict[str, Callable[..., float]] = {
+    "distance_correlation": distance_correlation,
+    "information_imbalance": information_imbalance,
+    "anchor_retrieval": anchor_retrieval,
+    "anchor_ot_distance": anchor_ot_distance,
+}
+# metrics where a lower value means more alike (best layer pair = minimum; nulls and gains signed accordingly)
+LOWER_IS_BETTER = frozenset({"information_imbalance", "anchor_ot_distance"})

@@ -257,3 +257,167 @@ def test_token_sets_are_compared_token_by_token():
     assert ij == (0, 0) and best == pytest.approx(
         M.unbiased_cka(M.prepare_features(a, 1.0), M.prepare_features(b, 1.0))
     )
+
+
+# -- the convergence papers' other measures and calibration (issue 18) ----------------------------------------
+def _dist(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1).sqrt()
+
+
+def _dcor_dense(a, b) -> float:
+    """Székely et al. 2007, written out: double-centred distance matrices, V-statistics."""
+
+    def centred(d):
+        return d - d.mean(0, keepdim=True) - d.mean(1, keepdim=True) + d.mean()
+
+    A, B = centred(_dist(a)), centred(_dist(b))
+    return float(((A * B).mean() / ((A * A).mean() * (B * B).mean()).sqrt()).sqrt())
+
+
+def _dcor_u_dense(a, b) -> float:
+    """Székely & Rizzo 2014's U-centring (their eq. 3.1) and the bias-corrected squared dCor."""
+
+    def u_centred(d):
+        n = d.shape[0]
+        u = d - d.sum(0, keepdim=True) / (n - 2) - d.sum(1, keepdim=True) / (n - 2) + d.sum() / ((n - 1) * (n - 2))
+        return u.fill_diagonal_(0)
+
+    A, B = u_centred(_dist(a)), u_centred(_dist(b))
+    return float((A * B).sum() / ((A * A).sum() * (B * B).sum()).sqrt())
+
+
+def test_distance_correlation_matches_the_definitions():
+    a, b = _data(n=80)
+    assert M.distance_correlation(a, b) == pytest.approx(_dcor_dense(a, b), abs=2e-6)
+    assert M.distance_correlation(a, b, unbiased=True) == pytest.approx(_dcor_u_dense(a, b), abs=2e-6)
+
+
+def test_distance_correlation_closed_forms():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 5, generator=g)
+    # a similarity transform (rotation, scale, shift) keeps every distance ratio: dCor = 1 exactly
+    y = 2.5 * x @ _orthogonal(5, 1) + 3.0
+    assert M.distance_correlation(x, y) == pytest.approx(1.0, abs=1e-5)
+    assert M.distance_correlation(x, y, unbiased=True) == pytest.approx(1.0, abs=1e-5)
+    # independent data: the U-statistic is ~0; the V-statistic is small but biased upwards
+    z = torch.randn(300, 4, generator=g)
+    assert abs(M.distance_correlation(x, z, unbiased=True)) < 0.02
+    assert 0.0 < M.distance_correlation(x, z) < 0.25
+    # a nonlinear (non-monotone) dependence that linear correlation misses
+    u = torch.rand(300, 1, generator=g) * 4 - 2
+    assert abs(float(torch.corrcoef(torch.cat([u, u**2], 1).T)[0, 1])) < 0.2
+    assert M.distance_correlation(u, u**2, unbiased=True) > 0.2
+
+
+def test_chunked_new_metrics_do_not_depend_on_the_chunk(monkeypatch):
+    a, b = _data(n=90)
+    full = (M.distance_correlation(a, b), M.information_imbalance(a, b), M.twonn_dimension(a))
+    monkeypatch.setattr(M, "_CHUNK_ENTRIES", 7 * 90)  # 7 rows per chunk
+    chunked = (M.distance_correlation(a, b), M.information_imbalance(a, b), M.twonn_dimension(a))
+    assert chunked == pytest.approx(full, abs=1e-9)
+
+
+@pytest.mark.parametrize("d", [2, 5, 8, 12])
+def test_twonn_recovers_the_dimension_of_a_linear_subspace(d):
+    g = torch.Generator().manual_seed(d)
+    basis = torch.linalg.qr(torch.randn(40, d, generator=g))[0]  # a d-dimensional subspace of R^40
+    # Gaussian coordinates: no boundary (a uniform cube's faces bias TwoNN low above d ~ 5, as Facco et al. note)
+    x = torch.randn(4000, d, generator=g) @ basis.T
+    assert M.twonn_dimension(x) == pytest.approx(d, rel=0.12)
+    assert M.twonn_dimension(x, method="mle") == pytest.approx(d, rel=0.12)
+
+
+def test_information_imbalance_limits_and_loop_definition():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    assert M.information_imbalance(x, x) == pytest.approx(2.0 / 200)  # the nearest neighbour has rank 1
+    assert M.information_imbalance(x, torch.randn(200, 6, generator=g)) == pytest.approx(1.0, abs=0.12)
+    # a space that keeps only some coordinates: the full space predicts it better than the reverse
+    full, part = x, x[:, :2]
+    assert M.information_imbalance(full, part) < M.information_imbalance(part, full)
+    # loop definition on a small set
+    a, b = _data(n=40)
+    da, db = _dist(a), _dist(b)
+    ranks = []
+    for i in range(40):
+        j = min((float(da[i, k]), k) for k in range(40) if k != i)[1]
+        order = sorted((float(db[i, k]), k) for k in range(40) if k != i)
+        ranks.append(1 + [k for _, k in order].index(j))
+    assert M.information_imbalance(a, b) == pytest.approx(2.0 * np.mean(ranks) / 40, abs=1e-9)
+
+
+def test_permutation_null_p_values_and_correction():
+    a, b = _data(n=100, noise=0.3)
+    out = M.permutation_null(M.cka, a, b, permutations=49, seed=0)
+    assert out["value"] == pytest.approx(M.cka(a, b))
+    assert out["p_value"] == pytest.approx(1 / 50)  # the +1 correction: never 0
+    assert out["corrected"] == pytest.approx(out["value"] - out["null_mean"])
+    assert out["z"] > 3
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(100, 5, generator=g), torch.randn(100, 5, generator=g)
+    null = M.permutation_null(M.cka, x, y, permutations=49, seed=0)
+    assert null["p_value"] > 0.05 and abs(null["z"]) < 3
+    # lower-is-better metrics: the sign of the gain flips, p counts nulls at least as low
+    ii = M.permutation_null(M.information_imbalance, a, b, permutations=19, higher_is_better=False)
+    assert ii["corrected"] == pytest.approx(ii["null_mean"] - ii["value"]) and ii["corrected"] > 0.3
+    assert ii["p_value"] == pytest.approx(1 / 20)
+    # parts (groups) are shuffled within themselves and weighted
+    two = M.permutation_null(M.cka, [a[:50], a[50:]], [b[:50], b[50:]], permutations=5, weights=[0.5, 0.5])
+    assert two["value"] == pytest.approx(0.5 * M.cka(a[:50], b[:50]) + 0.5 * M.cka(a[50:], b[50:]))
+
+
+def test_gaussian_floor_grows_with_width_for_biased_cka():
+    narrow = M.gaussian_floor(M.cka, 200, 4, 4, draws=3)
+    wide = M.gaussian_floor(M.cka, 200, 128, 128, draws=3)
+    assert narrow < 0.1 < wide  # independent wide features already look "aligned" to biased CKA
+
+
+def test_benjamini_hochberg_matches_the_step_up_rule():
+    p = [0.01, 0.04, 0.03, 0.5]
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.0533, 0.0533, 0.5 after the running minimum from the top
+    assert M.benjamini_hochberg(p) == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5])
+
+
+def test_farthest_point_sampling_covers_the_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    idx = M.farthest_point_sampling(x, 4)
+    assert sorted((idx // 50).tolist()) == [0, 1, 2, 3]  # one anchor per cluster, unlike most random draws
+    assert idx.unique().numel() == 4
+
+
+def test_anchor_space_retrieval_and_optimal_transport():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 8, generator=g)
+    anchors = M.farthest_point_sampling(x, 20)
+    y = x @ _orthogonal(8, 3)  # the same geometry in other coordinates: identical anchor-space embeddings
+    assert M.anchor_retrieval(x, y, anchors) == pytest.approx(1.0)
+    assert M.anchor_ot_distance(x, y, anchors) == pytest.approx(0.0, abs=1e-5)
+    z = torch.randn(150, 8, generator=g)
+    assert M.anchor_retrieval(x, z, anchors) < 0.1
+    assert M.anchor_ot_distance(x, z, anchors) > 0.1
+    # OT never exceeds the cost of the identity matching, and equals a brute-force optimum on a tiny set
+    ea, ez = M.anchor_embedding(x, anchors), M.anchor_embedding(z, anchors)
+    keep = torch.ones(150, dtype=torch.bool)
+    keep[anchors] = False
+    assert M.anchor_ot_distance(x, z, anchors) <= float((ea[keep] - ez[keep]).norm(dim=1).mean()) + 1e-6
+    import itertools
+
+    small_a, small_b = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    anc = torch.tensor([0, 1])
+    pa, pb = M.anchor_embedding(small_a, anc)[2:].double(), M.anchor_embedding(small_b, anc)[2:].double()
+    cost = torch.cdist(pa, pb)
+    brute = min(float(cost[range(5), list(p)].mean()) for p in itertools.permutations(range(5)))
+    assert M.anchor_ot_distance(small_a, small_b, anc) == pytest.approx(brute, abs=1e-6)
+
+
+def test_spearman_bootstrap_interval():
+    x = list(range(12))
+    y = [v + (0.5 if v % 3 == 0 else -0.5) for v in x]
+    out = M.spearman_bootstrap(x, y, n_boot=500)
+    assert out["rho"] > 0.9 and out["lo"] <= out["rho"] <= out["hi"] and out["p_value"] < 0.01
+    g = np.random.default_rng(0)
+    noise = M.spearman_bootstrap(g.normal(size=12), g.normal(size=12), n_boot=500)
+    assert noise["lo"] < 0 < noise["hi"]
