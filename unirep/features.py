@@ -3,7 +3,8 @@
 ``unirep-features experiment=<group/name> key=value ...`` composes the training config exactly as ``unirep-train``
 does (:func:`unirep.cli.compose`; same schema, same overrides), builds ``data`` and ``task``, and for every teacher
 target in the task (a module with ``.encoder`` (:class:`~unirep.encoders.FrozenEncoder`), ``.layer``, ``.pooled`` and
-``.teacher_input(batch)``, i.e. :class:`unirep.align.TeacherTarget`) runs the teacher once over the whole training
+``.teacher_input(batch)``, i.e. :class:`unirep.align.TeacherTarget`, whose ``mode`` may also ask for the pooled
+vector) runs the teacher once over the whole training
 split, in a fixed order, and writes its features under the teacher's ``cache_dir``::
 
     <cache_dir>/<cache_key>/<kind>/shard_00000.safetensors   tensors keyed by item content digest
@@ -144,14 +145,45 @@ class ShardWriter:
         self.flush()
 
 
+def _target_encoder(target: Any) -> FrozenEncoder | None:
+    """The FrozenEncoder a teacher target reads: its own ``.encoder``, or the task's teacher it was bound to."""
+    enc = getattr(target, "encoder", None)
+    if isinstance(enc, FrozenEncoder):
+        return enc
+    try:
+        enc = getattr(target, "_teacher", None)  # unirep.align.TeacherTarget(encoder=None) shares task.teacher
+    except RuntimeError:  # not bound yet
+        return None
+    return enc if isinstance(enc, FrozenEncoder) else None
+
+
+def target_kinds(target: Any) -> list[tuple[int | None, bool]]:
+    """``(layer, pooled)`` of each feature kind a target reads: ``.pooled`` (bool), or ``.mode`` as
+    :class:`unirep.align.TeacherTarget` has it (``tokens``, ``pooled``, ``pooled+tokens``)."""
+    layer = getattr(target, "layer", None)
+    layer = None if layer is None else int(layer)
+    mode = getattr(target, "mode", None)
+    if mode is None:
+        mode = "pooled" if getattr(target, "pooled", False) else "tokens"
+    kinds = []
+    if mode != "pooled":
+        kinds.append((layer, False))
+    if mode != "tokens":
+        kinds.append((None, True))
+    return kinds
+
+
 def find_teacher_targets(task: nn.Module) -> tuple[list[Any], list[FrozenEncoder]]:
-    """The teacher targets of a task (modules with a FrozenEncoder ``.encoder`` and ``.teacher_input``), and the
+    """The teacher targets of a task (modules with ``teacher_input`` that read a FrozenEncoder), and the
     FrozenEncoders no target uses (evaluation-only teachers: nothing maps a training batch to their input)."""
     targets, used = [], set()
     for m in task.modules():
-        if isinstance(getattr(m, "encoder", None), FrozenEncoder) and callable(getattr(m, "teacher_input", None)):
+        if not callable(getattr(m, "teacher_input", None)):
+            continue
+        enc = _target_encoder(m)
+        if enc is not None:
             targets.append(m)
-            used.add(id(m.encoder))
+            used.add(id(enc))
     unused, seen = [], set()
     for m in task.modules():
         if isinstance(m, FrozenEncoder) and id(m) not in used and id(m) not in seen:
@@ -182,25 +214,25 @@ def precompute_features(
         return []
     device = torch.device(device)
     writers: dict[Path, ShardWriter] = {}
-    jobs: list[tuple[Any, FrozenEncoder, str, ShardWriter]] = []
+    jobs: list[tuple[Any, FrozenEncoder, int | None, bool, ShardWriter]] = []
     for t in targets:
-        enc: FrozenEncoder = t.encoder
-        layer = None if getattr(t, "layer", None) is None else int(t.layer)
-        pooled = bool(getattr(t, "pooled", False))
-        kind = feature_kind(None if pooled else layer, pooled)
-        folder = enc.store_dir(kind)
-        if folder is None:
-            raise ValueError(
-                f"teacher {type(enc.encoder).__name__} of {type(t).__name__} has no cache_dir, so its features have "
-                "nowhere to go: set the teacher's cache_dir in the recipe (or on the command line) and rerun"
-            )
+        enc = _target_encoder(t)
+        assert enc is not None
         enc.to(device)
-        w = writers.get(folder)
-        if w is None:
-            w = writers[folder] = ShardWriter(folder, enc.cache_key, kind, shard_mb)
-            for name in w.repaired:
-                log.warning("unreadable shard %s/%s removed: its items are recomputed", folder, name)
-        jobs.append((t, enc, kind, w))
+        for layer, pooled in target_kinds(t):
+            kind = feature_kind(layer, pooled)
+            folder = enc.store_dir(kind)
+            if folder is None:
+                raise ValueError(
+                    f"teacher {type(enc.encoder).__name__} of {type(t).__name__} has no cache_dir, so its features "
+                    "have nowhere to go: set the teacher's cache_dir in the recipe (or on the command line) and rerun"
+                )
+            w = writers.get(folder)
+            if w is None:
+                w = writers[folder] = ShardWriter(folder, enc.cache_key, kind, shard_mb)
+                for name in w.repaired:
+                    log.warning("unreadable shard %s/%s removed: its items are recomputed", folder, name)
+            jobs.append((t, enc, layer, pooled, w))
     stats = {f: {"computed": 0, "skipped": 0, "start": len(w)} for f, w in writers.items()}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
     start = time.time()
@@ -208,7 +240,7 @@ def precompute_features(
     with torch.no_grad():
         for batch in bar:
             batch = to_device(batch, device)
-            for t, enc, kind, w in jobs:
+            for t, enc, layer, pooled, w in jobs:
                 inp = t.teacher_input(batch)
                 digests = enc.item_digests(inp)
                 if digests is None:
@@ -223,8 +255,7 @@ def precompute_features(
                 part = inp if len(todo) == len(digests) else _subset(inp, todo)
                 if part is None:
                     todo, part = list(range(len(digests))), inp
-                layer = None if kind in ("tokens", "pooled") else int(kind.removeprefix("tokens_layer"))
-                entries = enc.compute_entries(part, layer, kind == "pooled")
+                entries = enc.compute_entries(part, layer, pooled)
                 for j, e in zip(todo, entries, strict=True):
                     if digests[j] not in w:
                         w.add(digests[j], e)
@@ -233,7 +264,7 @@ def precompute_features(
     for w in writers.values():
         w.close()
     seconds = time.time() - start
-    for enc in {id(e): e for _, e, _, _ in jobs}.values():
+    for enc in {id(j[1]): j[1] for j in jobs}.values():
         enc.reload_stores()
     return [
         dict(

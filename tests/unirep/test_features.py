@@ -145,6 +145,47 @@ def test_corrupt_shard_is_named_with_the_fix(tmp_path):
     assert teacher.calls == calls
 
 
+class ModeTarget(nn.Module):
+    """unirep.align.TeacherTarget's shape: ``mode`` instead of ``pooled``; no encoder of its own (shares the task's)."""
+
+    def __init__(self, shared: FrozenEncoder, mode: str):
+        super().__init__()
+        self.encoder, self.layer, self.mode = None, None, mode
+        object.__setattr__(self, "_shared", shared)
+
+    @property
+    def _teacher(self):
+        return self._shared
+
+    def teacher_input(self, batch):
+        return batch["x"]
+
+
+def test_targets_with_mode_and_a_shared_teacher(tmp_path):
+    teacher = CountingTeacher()
+    task = nn.Module()
+    task.teacher = FrozenEncoder(teacher, cache_dir=tmp_path)
+    task.target = ModeTarget(task.teacher, "pooled+tokens")
+    targets, unused = find_teacher_targets(task)
+    assert targets == [task.target] and unused == []
+    summary = precompute_features(task, _data(6), batch_size=3, progress=False)
+    assert sorted(os.path.basename(s["folder"]) for s in summary) == ["pooled", "tokens"]
+    calls = teacher.calls
+    x = torch.stack([d["x"] for d in _data(6)])
+    task.teacher.encode(x), task.teacher.encode_pooled(x)
+    assert teacher.calls == calls
+
+
+def test_real_teacher_target_is_found(tmp_path):
+    align = pytest.importorskip("unirep.align")
+    if not hasattr(align, "TeacherTarget"):
+        pytest.skip("unirep.align.TeacherTarget not there yet")
+    task = nn.Module()
+    task.target = align.TeacherTarget(CountingTeacher(), mode="pooled+tokens", input_key="x", cache_dir=str(tmp_path))
+    summary = precompute_features(task, _data(4), batch_size=2, progress=False)
+    assert sorted(os.path.basename(s["folder"]) for s in summary) == ["pooled", "tokens"]
+
+
 def test_corrupt_index_is_named(tmp_path):
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(RuntimeError, match="index.json"):
