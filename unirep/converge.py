@@ -51,9 +51,13 @@ __all__ = [
     "extract_features",
     "anchor_relative",
     "group_centre",
+    "shared_anchors",
     "LEVELS",
     "ConvergenceResult",
     "compare",
+    "mean_alignment",
+    "write_outputs",
+    "ood_shift",
     "run_convergence",
     "main",
 ]
@@ -61,7 +65,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LEVELS = ("item", "token", "token_centred", "token_per_group")
-_METRICS = ("mutual_knn", "cka", "unbiased_cka", "cknna", "svcca")
+_METRICS = (
+    "mutual_knn",
+    "cka",
+    "unbiased_cka",
+    "cknna",
+    "svcca",
+    "distance_correlation",
+    "information_imbalance",
+    "anchor_retrieval",
+    "anchor_ot_distance",
+)
 
 
 @runtime_checkable
@@ -287,33 +301,69 @@ def anchor_relative(x: Tensor, anchors: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # comparison
 # ---------------------------------------------------------------------------------------------------------------
+_BEST_FIELDS = ("null_mean", "null_std", "p_value", "p_adj", "z", "corrected", "floor", "floor_gain")
+
+
 @dataclass
 class ConvergenceResult:
-    """Tidy rows ``(model_a, layer_a, model_b, layer_b, level, metric, value)`` plus the best layer pairs."""
+    """Tidy rows ``(model_a, layer_a, model_b, layer_b, level, metric, value)`` plus the best layer pairs.
+
+    ``lower``: metric labels where lower means more alike (information imbalance, anchor OT distance): their best
+    layer pair is the minimum. ``asymmetric``: labels with a row per direction (information imbalance,
+    ``model_a -> model_b``). ``per_model``: rows ``(model, layer, level, measure, value)`` of one-model measures
+    (TwoNN intrinsic dimension). Calibration (null, floor) is added to the best rows in place (:data:`_BEST_FIELDS`).
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    per_model: list[dict[str, Any]] = field(default_factory=list)
+    lower: set[str] = field(default_factory=set)
+    asymmetric: set[str] = field(default_factory=set)
 
     def best(self) -> list[dict[str, Any]]:
-        """Per (model pair, level, metric): the layer pair with the highest value (platonic-rep's choice)."""
+        """Per (model pair, level, metric): the layer pair with the best value (platonic-rep's choice: the highest,
+        the lowest for lower-is-better metrics)."""
         top: dict[tuple, dict[str, Any]] = {}
         for r in self.rows:
             key = (r["model_a"], r["model_b"], r["level"], r["metric"])
-            if key not in top or r["value"] > top[key]["value"]:
+            sign = -1.0 if r["metric"] in self.lower else 1.0
+            if key not in top or sign * r["value"] > sign * top[key]["value"]:
                 top[key] = r
         return list(top.values())
 
-    def matrix(self, models: list[str], level: str, metric: str) -> Tensor:
-        """Symmetric model-by-model matrix of best-layer values (NaN on the diagonal and where missing)."""
+    def matrix(self, models: list[str], level: str, metric: str, value: str = "value") -> Tensor:
+        """Model-by-model matrix of best-layer ``value`` (or a calibration field such as ``corrected``); symmetric
+        unless the metric is asymmetric (then row i, column j is i -> j). NaN on the diagonal and where missing."""
         idx = {m: i for i, m in enumerate(models)}
         out = torch.full((len(models), len(models)), float("nan"))
         for r in self.best():
-            if r["level"] == level and r["metric"] == metric:
+            if r["level"] == level and r["metric"] == metric and r.get(value) is not None:
+                if r["model_a"] not in idx or r["model_b"] not in idx:
+                    continue
                 i, j = idx[r["model_a"]], idx[r["model_b"]]
-                out[i, j] = out[j, i] = r["value"]
+                out[i, j] = r[value]
+                if metric not in self.asymmetric:
+                    out[j, i] = r[value]
         return out
 
 
-def _metric_fns(metrics: Sequence[dict[str, Any] | str]) -> list[tuple[str, Callable[[Tensor, Tensor], float]]]:
+_ANCHOR_METRICS = {"anchor_retrieval", "anchor_ot_distance"}
+_ASYMMETRIC = {"information_imbalance"}
+
+
+@dataclass
+class _Metric:
+    label: str
+    base: str
+    fn: Callable[..., float]
+
+    @property
+    def higher_is_better(self) -> bool:
+        from unirep.metrics import LOWER_IS_BETTER
+
+        return self.base not in LOWER_IS_BETTER
+
+
+def _metric_fns(metrics: Sequence[dict[str, Any] | str]) -> list[_Metric]:
     import unirep.metrics as M
 
     out = []
@@ -323,21 +373,22 @@ def _metric_fns(metrics: Sequence[dict[str, Any] | str]) -> list[tuple[str, Call
         label = spec.pop("label", None)
         fn = getattr(M, name) if name in _METRICS else None
         if fn is None:
-            raise ValueError(
-                f"unknown metric {name!r}: use one of mutual_knn, cka, unbiased_cka, cknna, svcca (unirep.metrics)"
-            )
+            raise ValueError(f"unknown metric {name!r}: use one of {', '.join(_METRICS)} (unirep.metrics)")
         if label is None:
             label = (
                 name
                 + "".join(f"_{k}{v}" for k, v in sorted(spec.items()) if k != "kernel")
                 + (f"_{spec['kernel']}" if "kernel" in spec else "")
             )
-        out.append((label, _bind(fn, spec)))
+        out.append(_Metric(label, name, _bind(fn, spec)))
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"metric labels must be unique (give one a `label:`); got {labels}")
     return out
 
 
-def _bind(fn: Callable, kwargs: dict[str, Any]) -> Callable[[Tensor, Tensor], float]:
-    return lambda a, b: float(fn(a, b, **kwargs))
+def _bind(fn: Callable, kwargs: dict[str, Any]) -> Callable[..., float]:
+    return lambda a, b, **extra: float(fn(a, b, **kwargs, **extra))
 
 
 @dataclass
@@ -345,6 +396,39 @@ class _Prepared:
     """One model-layer's features at one level, ready for the metrics: ``parts`` are (group weight, features)."""
 
     parts: list[tuple[float, Tensor]]
+
+
+def _level_parts(
+    feats: ModelFeatures, layer: int, level: str, token_index: Tensor | None, group_index: dict[int, Tensor] | None
+) -> list[tuple[float, Tensor]]:
+    """The raw features of one model-layer at one level as (weight, [n_k, d]) parts (one part unless per group)."""
+    if level == "item":
+        return [(1.0, feats.pooled(layer).double())]
+    x = feats.tokens[layer]
+    if level in ("token_centred", "token_per_group") and feats.groups is None:
+        raise ValueError(
+            f"level {level!r} needs token groups (atomic numbers) but the data set has no token_groups(index); "
+            "use levels item/token"
+        )
+    if level == "token":
+        return [(1.0, x[token_index].double())]
+    if level == "token_centred":
+        return [(1.0, group_centre(x, feats.groups)[token_index].double())]
+    if level == "token_per_group":
+        assert group_index is not None
+        total = sum(int(i.numel()) for i in group_index.values())
+        return [(i.numel() / total, x[i].double()) for i in group_index.values()]
+    raise ValueError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+
+
+def _finish(x: Tensor, preprocess: dict[str, Any] | None, relative_to: Tensor | None) -> Tensor:
+    if relative_to is not None:
+        x = anchor_relative(x, relative_to)
+    if preprocess is not None:
+        from unirep.metrics import prepare_features
+
+        x = prepare_features(x, **preprocess)
+    return x
 
 
 def _prepare_level(
@@ -357,36 +441,44 @@ def _prepare_level(
     anchors: int,
     anchor_seed: int,
 ) -> _Prepared:
-    from unirep.metrics import prepare_features
-
-    def finish(x: Tensor) -> Tensor:
-        x = x.double()
+    """Features of one model-layer at one level (with ``anchors`` > 0: anchor-relative to a seeded random subset)."""
+    parts = []
+    for w, x in _level_parts(feats, layer, level, token_index, group_index):
+        rel = None
         if anchors > 0:
-            # anchors are the first K points of a seeded permutation: the same items for every model
             g = torch.Generator().manual_seed(anchor_seed)
-            k = min(anchors, x.shape[0])
-            x = anchor_relative(x, torch.randperm(x.shape[0], generator=g)[:k])
-        if preprocess is not None:
-            x = prepare_features(x, **preprocess)
-        return x
+            rel = torch.randperm(x.shape[0], generator=g)[: min(anchors, x.shape[0])]
+        parts.append((w, _finish(x, preprocess, rel)))
+    return _Prepared(parts)
 
-    if level == "item":
-        return _Prepared([(1.0, finish(feats.pooled(layer)))])
-    x = feats.tokens[layer]
-    if level in ("token_centred", "token_per_group") and feats.groups is None:
-        raise ValueError(
-            f"level {level!r} needs token groups (atomic numbers) but the data set has no token_groups(index); "
-            "use levels item/token"
-        )
-    if level == "token":
-        return _Prepared([(1.0, finish(x[token_index]))])
-    if level == "token_centred":
-        return _Prepared([(1.0, finish(group_centre(x, feats.groups)[token_index]))])
-    if level == "token_per_group":
-        assert group_index is not None
-        total = sum(int(i.numel()) for i in group_index.values())
-        return _Prepared([(i.numel() / total, finish(x[i])) for i in group_index.values()])
-    raise ValueError(f"unknown level {level!r}: use one of {', '.join(LEVELS)}")
+
+def shared_anchors(
+    parts: Sequence[Tensor], k: int, sampling: str = "fps", seed: int = 0, preprocess: dict[str, Any] | None = None
+) -> Tensor:
+    """K anchor items shared by every model: farthest-point sampling (``fps``) in the joint space of all models
+    (each model's features preprocessed and scaled by ``1/sqrt(#models)``, concatenated along features), so the
+    anchors cover what every model distinguishes; ``random``: a seeded random subset. The FPS order is greedy, so
+    the first K' < K anchors are the anchors of a K'-anchor run."""
+    n = parts[0].shape[0]
+    k = min(k, n - 2)  # leave items that are not anchors to compare
+    if k < 1:
+        raise ValueError(f"shared_anchors: {n} items leave no room for anchors")
+    if sampling == "random":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+    if sampling != "fps":
+        raise ValueError(f"anchor_sampling must be 'fps' or 'random', got {sampling!r}")
+    from unirep.metrics import farthest_point_sampling, prepare_features
+
+    joint = torch.cat(
+        [
+            (prepare_features(p, **preprocess) if preprocess else torch.nn.functional.normalize(p.float(), dim=1))
+            / math.sqrt(len(parts))
+            for p in parts
+        ],
+        dim=1,
+    )
+    start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    return farthest_point_sampling(joint, k, start=start)
 
 
 def _subsample(n: int, cap: int | None, generator: torch.Generator) -> Tensor:
@@ -405,8 +497,16 @@ def compare(
     anchors: int = 0,
     seed: int = 0,
     progress: bool = True,
+    anchor_space: int = 64,
+    anchor_sampling: str = "fps",
+    null_permutations: int = 0,
+    null_metrics: Sequence[str] | None = None,
+    null_levels: Sequence[str] | None = None,
+    width_floor: bool = False,
+    floor_draws: int = 3,
+    intrinsic_dimension: bool = True,
 ) -> ConvergenceResult:
-    """Score every layer pair of every model pair at every level with every metric.
+    """Score every layer pair of every model pair at every level with every metric, then calibrate the best pairs.
 
     Args:
         features: one :class:`ModelFeatures` per model, all over the same items (and, for token levels, the
@@ -418,9 +518,23 @@ def compare(
         max_tokens: token levels use this many tokens (a seeded random subset, the same for every model); per
             group for ``token_per_group``. Kernel metrics cost O(n^2), which is why tokens are subsampled.
         min_group_tokens: groups with fewer tokens are left out of ``token_per_group``.
-        anchors: K > 0 replaces every feature by its cosines to K anchor points (Li & Walsh).
+        anchors: K > 0 replaces every feature by its cosines to K shared anchor items (Li & Walsh's
+            anchor-relative embedding) before every metric.
+        anchor_space: the number of shared anchors of the anchor-space metrics (``anchor_retrieval``,
+            ``anchor_ot_distance``).
+        anchor_sampling: ``fps`` (farthest-point sampling in the joint space of all models) or ``random``.
+        null_permutations: K > 0 adds a permutation null to every best layer pair (items of model b shuffled K
+            times): ``null_mean``, ``null_std``, ``p_value`` (+1 corrected), ``p_adj`` (Benjamini-Hochberg over
+            the pairs of one level and metric), ``z`` and ``corrected`` = gain over the null mean (positive =
+            better than chance, whatever the metric's direction).
+        null_metrics, null_levels: restrict the nulls to these metric labels (or base names) and levels.
+        width_floor: add ``floor`` (the metric between independent Gaussian features of the two models' widths,
+            same n and preprocessing, mean of ``floor_draws``) and ``floor_gain`` (the gain over it).
+        intrinsic_dimension: add TwoNN intrinsic dimension rows per model, layer and level (``per_model``).
     """
     from tqdm.auto import tqdm
+
+    import unirep.metrics as M
 
     if len(features) < 2:
         raise ValueError(f"a convergence study needs at least two models, got {len(features)}")
@@ -437,6 +551,8 @@ def compare(
                 "(or a different number per item): token levels need the same tokens; use levels: [item]"
             )
     fns = _metric_fns(metrics)
+    if any(m.base in _ANCHOR_METRICS for m in fns) and anchor_space < 1:
+        raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1 shared anchors")
     g = torch.Generator().manual_seed(seed)
     token_index = _subsample(ref.batch.numel(), max_tokens, g)
     group_index = None
@@ -449,37 +565,165 @@ def compare(
         if not group_index:
             raise ValueError(f"no group has at least min_group_tokens={min_group_tokens} tokens")
 
-    result = ConvergenceResult()
+    result = ConvergenceResult(
+        lower={m.label for m in fns if not m.higher_is_better},
+        asymmetric={m.label for m in fns if m.base in _ASYMMETRIC},
+    )
+    wanted_null = set(null_metrics) if null_metrics is not None else None
     for level in levels:
-        prepared = {
-            (f.name, li): _prepare_level(f, li, level, token_index, group_index, preprocess, anchors, seed)
+        raw = {
+            (f.name, li): _level_parts(f, li, level, token_index, group_index)
             for f in features
             for li in range(len(f.layers))
         }
+        n_parts = len(raw[(ref.name, 0)])
+        need_anchors = anchors > 0 or any(m.base in _ANCHOR_METRICS for m in fns)
+        shared: list[Tensor | None] = [None] * n_parts
+        if need_anchors:
+            k = max(anchors, anchor_space)
+            shared = [
+                shared_anchors(
+                    [raw[(f.name, len(f.layers) - 1)][p][1] for f in features], k, anchor_sampling, seed, preprocess
+                )
+                for p in range(n_parts)
+            ]
+        prepared = {
+            key: _Prepared(
+                [
+                    (w, _finish(x, preprocess, shared[p][:anchors] if anchors > 0 else None))
+                    for p, (w, x) in enumerate(parts)
+                ]
+            )
+            for key, parts in raw.items()
+        }
+        del raw
+        extras = [
+            {"anchors": shared[p][:anchor_space]} if shared[p] is not None else {} for p in range(n_parts)
+        ]  # per part
+
+        start = len(result.rows)
         pairs = list(itertools.combinations(features, 2))
         for fa, fb in tqdm(pairs, desc=f"metrics {level}", disable=not progress, leave=False):
             for la, lb in itertools.product(range(len(fa.layers)), range(len(fb.layers))):
                 pa, pb = prepared[(fa.name, la)], prepared[(fb.name, lb)]
-                for label, fn in fns:
-                    value = sum(w * fn(xa, xb) for (w, xa), (_, xb) in zip(pa.parts, pb.parts, strict=True))
-                    result.rows.append(
-                        {
-                            "model_a": fa.name,
-                            "layer_a": fa.layers[la],
-                            "model_b": fb.name,
-                            "layer_b": fb.layers[lb],
-                            "level": level,
-                            "metric": label,
-                            "value": float(value),
-                        }
+                for m in fns:
+                    result.rows.append(_row(fa, la, fb, lb, level, m.label, _call(m, pa, pb, extras)))
+                    if m.base in _ASYMMETRIC:
+                        result.rows.append(_row(fb, lb, fa, la, level, m.label, _call(m, pb, pa, extras)))
+
+        if intrinsic_dimension:
+            for f in features:
+                for li, lname in enumerate(f.layers):
+                    parts = prepared[(f.name, li)].parts
+                    value = sum(w * M.twonn_dimension(x) for w, x in parts)
+                    result.per_model.append(
+                        {"model": f.name, "layer": lname, "level": level, "measure": "twonn_id", "value": float(value)}
                     )
+
+        do_null = null_permutations > 0 and (null_levels is None or level in null_levels)
+        if not (do_null or width_floor):
+            continue
+        level_result = ConvergenceResult(result.rows[start:], lower=result.lower, asymmetric=result.asymmetric)
+        by_label = {m.label: m for m in fns}
+        layer_of = {(f.name, ln): li for f in features for li, ln in enumerate(f.layers)}
+        floors: dict[tuple, float] = {}
+        best = level_result.best()
+        for r in tqdm(best, desc=f"calibration {level}", disable=not progress, leave=False):
+            m = by_label[r["metric"]]
+            pa = prepared[(r["model_a"], layer_of[(r["model_a"], r["layer_a"])])]
+            pb = prepared[(r["model_b"], layer_of[(r["model_b"], r["layer_b"])])]
+            sign = 1.0 if m.higher_is_better else -1.0
+            if do_null and (wanted_null is None or m.label in wanted_null or m.base in wanted_null):
+                null = _part_null(m, pa, pb, extras, null_permutations, seed, r["value"])
+                r.update({k: null[k] for k in ("null_mean", "null_std", "p_value", "z", "corrected")})
+            if width_floor:
+                dims = tuple(
+                    (x.shape[0], x.shape[1], y.shape[1]) for (_, x), (_, y) in zip(pa.parts, pb.parts, strict=True)
+                )
+                key = (m.label, dims)
+                if key not in floors:
+                    floors[key] = _width_floor(m, pa, pb, extras, floor_draws, seed, preprocess, anchors)
+                r["floor"] = floors[key]
+                r["floor_gain"] = sign * (r["value"] - floors[key])
+        if do_null:
+            for m in fns:
+                group = [r for r in best if r["metric"] == m.label and "p_value" in r]
+                for r, q in zip(group, M.benjamini_hochberg([r["p_value"] for r in group]), strict=True):
+                    r["p_adj"] = q
     return result
+
+
+def _call(m: _Metric, pa: _Prepared, pb: _Prepared, extras: list[dict[str, Any]]) -> float:
+    """``sum_k w_k metric(a_k, b_k)`` over the parts; anchor metrics get each part's shared anchors."""
+    ex = extras if m.base in _ANCHOR_METRICS else [{}] * len(pa.parts)
+    return float(sum(w * m.fn(xa, xb, **e) for (w, xa), (_, xb), e in zip(pa.parts, pb.parts, ex, strict=True)))
+
+
+def _row(fa: ModelFeatures, la: int, fb: ModelFeatures, lb: int, level: str, label: str, value: float) -> dict:
+    return {
+        "model_a": fa.name,
+        "layer_a": fa.layers[la],
+        "model_b": fb.name,
+        "layer_b": fb.layers[lb],
+        "level": level,
+        "metric": label,
+        "value": value,
+    }
+
+
+def _part_null(
+    m: _Metric, pa: _Prepared, pb: _Prepared, extras: list[dict[str, Any]], permutations: int, seed: int, value: float
+) -> dict[str, float]:
+    """:func:`unirep.metrics.permutation_null` over the weighted parts (groups) of one layer pair; anchor metrics
+    keep each part's anchors (anchors index the rows of a; b's rows are the ones shuffled)."""
+    from unirep.metrics import permutation_null
+
+    ex = extras if m.base in _ANCHOR_METRICS else [{}] * len(pa.parts)
+    xs_a = [x for _, x in pa.parts]
+    part_of = {id(x): k for k, x in enumerate(xs_a)}  # permutation_null passes a's parts unchanged
+
+    def fn(a: Tensor, b: Tensor) -> float:
+        return m.fn(a, b, **ex[part_of[id(a)]])
+
+    weights = [w for w, _ in pa.parts]
+    return permutation_null(fn, xs_a, [x for _, x in pb.parts], permutations, seed, m.higher_is_better, weights, value)
+
+
+def _width_floor(
+    m: _Metric,
+    pa: _Prepared,
+    pb: _Prepared,
+    extras: list[dict[str, Any]],
+    draws: int,
+    seed: int,
+    preprocess: dict[str, Any] | None,
+    anchors: int,
+) -> float:
+    """The metric between independent Gaussian features of the same shapes as the two models' parts."""
+    from unirep.metrics import gaussian_floor
+
+    total = 0.0
+    for p, ((w, xa), (_, xb)) in enumerate(zip(pa.parts, pb.parts, strict=True)):
+        ex = extras[p] if m.base in _ANCHOR_METRICS else {}
+        # with anchor-relative features the widths are the anchor count: draw in the raw widths the anchors saw
+        rel = torch.arange(anchors) if anchors > 0 else None
+        total += w * gaussian_floor(
+            lambda a, b, _e=ex: m.fn(a, b, **_e),
+            xa.shape[0],
+            xa.shape[1],
+            xb.shape[1],
+            draws,
+            seed,
+            lambda x, _r=rel: _finish(x.double(), preprocess, _r),
+        )
+    return float(total)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # outputs
 # ---------------------------------------------------------------------------------------------------------------
 _FIELDS = ["model_a", "layer_a", "model_b", "layer_b", "level", "metric", "value"]
+_PER_MODEL_FIELDS = ["model", "layer", "level", "measure", "value"]
 
 
 def _write_table(rows: list[dict[str, Any]], path: Path, fields: list[str]) -> None:
@@ -497,10 +741,53 @@ def _spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def mean_alignment(result: ConvergenceResult, models: list[str], level: str, metric: str) -> dict[str, float]:
-    """Each model's mean best-layer alignment to all the other models."""
-    m = result.matrix(models, level, metric)
-    return {name: float(torch.nanmean(m[i]).item()) for i, name in enumerate(models)}
+def mean_alignment(
+    result: ConvergenceResult,
+    models: list[str],
+    level: str,
+    metric: str,
+    families: dict[str, str] | None = None,
+    exclude: Sequence[str] = (),
+    value: str = "value",
+) -> dict[str, float]:
+    """Each model's mean best-layer alignment to the other models.
+
+    ``families`` (model -> family; sweeps and ensemble members share one): the mean runs over the *other* families,
+    each family's members averaged first, so 8 members of one ensemble count as one reference and a model is never
+    scored by its own duplicates. ``exclude``: models left out as references (floors: random nets, descriptors).
+    ``value``: ``value`` or a calibration field (``corrected``, ``floor_gain``)."""
+    m = result.matrix(models, level, metric, value)
+    fam = families or {name: name for name in models}
+    out = {}
+    for i, name in enumerate(models):
+        per_family: dict[str, list[float]] = {}
+        for j, other in enumerate(models):
+            if j == i or other in exclude or fam.get(other, other) == fam.get(name, name):
+                continue
+            v = float(m[i, j])
+            if math.isfinite(v):
+                per_family.setdefault(fam.get(other, other), []).append(v)
+        means = [sum(v) / len(v) for v in per_family.values()]
+        out[name] = sum(means) / len(means) if means else float("nan")
+    return out
+
+
+def _calibrated(result: ConvergenceResult, level: str, metric: str) -> bool:
+    return any("p_value" in r for r in result.best() if r["level"] == level and r["metric"] == metric)
+
+
+def _heatmap(ax: Any, fig: Any, result: ConvergenceResult, models: list[str], level: str, metric: str, value: str):
+    m = result.matrix(models, level, metric, value).numpy()
+    im = ax.imshow(m, cmap="viridis_r" if metric in result.lower and value == "value" else "viridis")
+    ax.set_xticks(range(len(models)), models, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(models)), models, fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if _calibrated(result, level, metric):
+        sig = result.matrix(models, level, metric, "p_adj").numpy()
+        for i in range(len(models)):
+            for j in range(len(models)):
+                if i != j and sig[i, j] == sig[i, j] and sig[i, j] < 0.05:
+                    ax.text(j, i, "*", ha="center", va="center", fontsize=6, color="white")
 
 
 def write_outputs(
@@ -510,10 +797,16 @@ def write_outputs(
     quality: dict[str, float],
     quality_name: str = "quality",
     higher_is_better: bool = False,
+    families: dict[str, str] | None = None,
+    exclude_from_mean: Sequence[str] = (),
+    bootstrap: int = 2000,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Write ``alignment.csv``/``.json`` (all rows), ``best.csv`` (best layer pairs), one heatmap PNG per metric
-    (a panel per level) and, when models have quality scores, ``quality_vs_alignment_<metric>.png`` with the
-    Spearman rank correlation between quality and mean alignment. Returns the summary (also ``summary.json``)."""
+    """Write ``alignment.csv``/``.json`` (all rows), ``best.csv`` (best layer pairs with their calibration),
+    ``per_model.csv`` (intrinsic dimension), one heatmap PNG per metric (a panel per level; ``*`` marks pairs
+    that beat their permutation null at BH q < 0.05; a second row shows the null-corrected score), and, when
+    models have quality scores, ``quality_vs_alignment_<metric>.png`` with the Spearman rank correlation between
+    quality and mean alignment (bootstrap interval). Returns the summary (also ``summary.json``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,46 +816,100 @@ def write_outputs(
     _write_table(result.rows, out_dir / "alignment.csv", _FIELDS)
     (out_dir / "alignment.json").write_text(json.dumps(result.rows, indent=1))
     best = result.best()
-    _write_table(best, out_dir / "best.csv", _FIELDS)
+    _write_table(best, out_dir / "best.csv", _FIELDS + list(_BEST_FIELDS))
+    _write_table(result.per_model, out_dir / "per_model.csv", _PER_MODEL_FIELDS)
     levels = list(dict.fromkeys(r["level"] for r in result.rows))
     metrics = list(dict.fromkeys(r["metric"] for r in result.rows))
-    summary: dict[str, Any] = {"models": models, "levels": levels, "metrics": metrics, "mean_alignment": {}}
+    excluded = [m for m in models if m in set(exclude_from_mean)]
+    summary: dict[str, Any] = {
+        "models": models,
+        "levels": levels,
+        "metrics": metrics,
+        "lower_is_better": sorted(result.lower),
+        "families": families or {m: m for m in models},
+        "excluded_from_mean": excluded,
+        "mean_alignment": {},
+        "mean_corrected": {},
+        "calibration": {},
+        "intrinsic_dimension": {},
+    }
+    for r in result.per_model:  # the model's last (deepest selected) layer wins: rows come in layer order
+        summary["intrinsic_dimension"].setdefault(r["level"], {})[r["model"]] = r["value"]
     for metric in metrics:
-        fig, axes = plt.subplots(1, len(levels), figsize=(0.35 * len(models) * len(levels) + 3, 0.35 * len(models) + 2))
-        axes = [axes] if len(levels) == 1 else list(axes)
-        for ax, level in zip(axes, levels, strict=True):
-            m = result.matrix(models, level, metric).numpy()
-            im = ax.imshow(m, cmap="viridis")
-            ax.set_title(f"{metric} / {level}", fontsize=8)
-            ax.set_xticks(range(len(models)), models, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(models)), models, fontsize=6)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-            summary["mean_alignment"].setdefault(metric, {})[level] = mean_alignment(result, models, level, metric)
+        calibrated = [lv for lv in levels if _calibrated(result, lv, metric)]
+        nrows = 2 if calibrated else 1
+        fig, axes = plt.subplots(
+            nrows,
+            len(levels),
+            figsize=(0.35 * len(models) * len(levels) + 3, nrows * (0.35 * len(models) + 2)),
+            squeeze=False,
+        )
+        for k, level in enumerate(levels):
+            _heatmap(axes[0][k], fig, result, models, level, metric, "value")
+            axes[0][k].set_title(
+                f"{metric} / {level}" + (" (* beats null, BH q<0.05)" if calibrated else ""), fontsize=8
+            )
+            args = (result, models, level, metric, families, excluded)
+            summary["mean_alignment"].setdefault(metric, {})[level] = mean_alignment(*args)
+            if level in calibrated:
+                _heatmap(axes[1][k], fig, result, models, level, metric, "corrected")
+                axes[1][k].set_title(f"{metric} / {level}: minus permutation-null mean", fontsize=8)
+                summary["mean_corrected"].setdefault(metric, {})[level] = mean_alignment(*args, value="corrected")
+                rows = [r for r in best if r["level"] == level and r["metric"] == metric and "p_value" in r]
+                summary["calibration"].setdefault(metric, {})[level] = {
+                    "pairs": len(rows),
+                    "beat_null_bh05": sum(r["p_adj"] < 0.05 for r in rows),
+                    "min_p": min(r["p_value"] for r in rows),
+                    "median_corrected": float(torch.tensor([r["corrected"] for r in rows]).median()),
+                }
+            elif nrows == 2:
+                axes[1][k].axis("off")
         fig.tight_layout()
         fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
         plt.close(fig)
 
-    scored = [m for m in models if quality.get(m) is not None and math.isfinite(quality[m])]
+    scored = [m for m in models if quality.get(m) is not None and math.isfinite(quality[m]) and m not in excluded]
     summary["quality"] = {m: quality[m] for m in scored}
     summary["quality_name"] = quality_name
-    summary["spearman"] = {}
+    summary["spearman"], summary["spearman_ci"], summary["spearman_corrected"] = {}, {}, {}
     if len(scored) >= 3:
+        from unirep.metrics import spearman_bootstrap
+
         for metric in metrics:
-            fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6))
-            axes = [axes] if len(levels) == 1 else list(axes)
-            for ax, level in zip(axes, levels, strict=True):
+            fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
+            sign_a = -1.0 if metric in result.lower else 1.0  # "more aligned" is positive for every metric
+            for ax, level in zip(axes[0], levels, strict=True):
                 align = summary["mean_alignment"][metric][level]
                 qs = [quality[m] for m in scored]
                 al = [align[m] for m in scored]
-                # rank correlation with "better quality" positive, whichever direction the score runs
-                rho = _spearman(qs if higher_is_better else [-q for q in qs], al)
+                better = qs if higher_is_better else [-q for q in qs]
+                ok = [k for k, a in enumerate(al) if math.isfinite(a)]
+                if len(ok) < 3:
+                    continue
+                # rank correlation with "better quality" and "more aligned" positive, whichever way the scores run
+                stats = spearman_bootstrap(
+                    [better[k] for k in ok], [sign_a * al[k] for k in ok], n_boot=bootstrap, seed=seed
+                )
+                rho = stats["rho"]
                 summary["spearman"].setdefault(metric, {})[level] = rho
+                summary["spearman_ci"].setdefault(metric, {})[level] = stats
+                corr = summary["mean_corrected"].get(metric, {}).get(level)
+                if corr is not None:
+                    cs = [corr[m] for m in scored]
+                    ok_c = [k for k, c in enumerate(cs) if math.isfinite(c)]
+                    if len(ok_c) >= 3:
+                        summary["spearman_corrected"].setdefault(metric, {})[level] = spearman_bootstrap(
+                            [better[k] for k in ok_c], [cs[k] for k in ok_c], n_boot=bootstrap, seed=seed
+                        )
                 ax.scatter(qs, al, s=14)
                 for m, q, a in zip(scored, qs, al, strict=True):
                     ax.annotate(m, (q, a), fontsize=5)
                 ax.set_xlabel(quality_name + (" (higher is better)" if higher_is_better else " (lower is better)"))
-                ax.set_ylabel(f"mean {metric} to the others")
-                ax.set_title(f"{level}: Spearman rho(better, aligned) = {rho:.2f}", fontsize=8)
+                ax.set_ylabel(f"mean {metric} to the other families")
+                ax.set_title(
+                    f"{level}: rho = {rho:.2f} [{stats['lo']:.2f}, {stats['hi']:.2f}], p = {stats['p_value']:.3f}",
+                    fontsize=8,
+                )
             fig.tight_layout()
             fig.savefig(out_dir / f"quality_vs_alignment_{metric}.png", dpi=110)
             plt.close(fig)
@@ -570,10 +917,67 @@ def write_outputs(
     return summary
 
 
+def ood_shift(summary_id: dict[str, Any], summary_ood: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """In- vs out-of-distribution: per model and level, TwoNN intrinsic dimension and mean alignment (each metric)
+    on both data sets, written to ``ood_shift.csv`` and ``ood_shift.png`` (Edamadaka et al. report lower
+    intrinsic dimension and higher alignment far out of distribution: representations collapse)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for level, ids in summary_id.get("intrinsic_dimension", {}).items():
+        for model, v in ids.items():
+            w = summary_ood.get("intrinsic_dimension", {}).get(level, {}).get(model)
+            rows.append({"level": level, "model": model, "measure": "twonn_id", "id": v, "ood": w})
+    for metric, by_level in summary_id.get("mean_alignment", {}).items():
+        for level, per in by_level.items():
+            for model, v in per.items():
+                w = summary_ood.get("mean_alignment", {}).get(metric, {}).get(level, {}).get(model)
+                rows.append({"level": level, "model": model, "measure": f"mean_{metric}", "id": v, "ood": w})
+    _write_table(rows, out_dir / "ood_shift.csv", ["level", "model", "measure", "id", "ood"])
+    measures = list(dict.fromkeys(r["measure"] for r in rows))
+    levels = list(dict.fromkeys(r["level"] for r in rows))
+    out: dict[str, Any] = {}
+    if rows:
+        fig, axes = plt.subplots(
+            len(levels), len(measures), figsize=(3 * len(measures), 3 * len(levels)), squeeze=False
+        )
+        for i, level in enumerate(levels):
+            for j, meas in enumerate(measures):
+                pts = [
+                    (r["id"], r["ood"])
+                    for r in rows
+                    if r["level"] == level and r["measure"] == meas and r["ood"] is not None
+                ]
+                pts = [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b)]
+                ax = axes[i][j]
+                if not pts:
+                    ax.axis("off")
+                    continue
+                xs, ys = zip(*pts, strict=True)
+                ax.scatter(xs, ys, s=10)
+                lo, hi = min(xs + ys), max(xs + ys)
+                ax.plot([lo, hi], [lo, hi], "k--", lw=0.6)
+                ax.set_xlabel("in distribution", fontsize=7)
+                ax.set_ylabel("out of distribution", fontsize=7)
+                ax.set_title(f"{meas} / {level}", fontsize=7)
+                out.setdefault(meas, {})[level] = {
+                    "median_id": float(torch.tensor(xs).median()),
+                    "median_ood": float(torch.tensor(ys).median()),
+                    "share_ood_higher": sum(b > a for a, b in pts) / len(pts),
+                }
+        fig.tight_layout()
+        fig.savefig(out_dir / "ood_shift.png", dpi=110)
+        plt.close(fig)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------------------
-_MODEL_KEYS = {"name", "encoder", "layers", "quality", "optional", "sweep", "batch_size"}
+_MODEL_KEYS = {"name", "encoder", "layers", "quality", "optional", "sweep", "batch_size", "family", "tags"}
 
 
 @dataclass
@@ -594,7 +998,19 @@ class ConvergeConfig:
     preprocess: Any = field(default_factory=lambda: {"clamp_quantile": 0.95, "normalize": True})
     max_tokens: int | None = 4000
     min_group_tokens: int = 20
-    anchors: int = 0
+    anchors: int = 0  # K > 0: every feature becomes its cosines to K shared anchors before every metric
+    anchor_space: int = 64  # shared anchors of the anchor-space metrics (anchor_retrieval, anchor_ot_distance)
+    anchor_sampling: str = "fps"  # fps (farthest-point in the joint space of all models) or random
+    null_permutations: int = 0  # K > 0: permutation null of every best layer pair (p-values, corrected scores)
+    null_metrics: list[str] | None = None  # restrict the nulls to these metric labels or names (None: all)
+    null_levels: list[str] | None = None  # restrict the nulls to these levels (None: all)
+    width_floor: bool = False  # score of independent Gaussian features of the two models' widths
+    floor_draws: int = 3
+    intrinsic_dimension: bool = True  # TwoNN per model, layer and level
+    exclude_from_mean: list[str] = field(default_factory=list)  # model names, families or tags (floor, descriptor)
+    bootstrap: int = 2000  # resamples of the Spearman interval
+    quality_fn: Any = None  # {_target_, _partial_: true, ...} called as fn(encoder) -> float | None
+    ood_data: Any = None  # a second data set (same models): out_dir/ood/ and the in- vs out-of-distribution shift
     batch_size: int = 32
     quality_name: str = "quality"
     higher_is_better: bool = False
@@ -628,6 +1044,7 @@ def expand_models(models: Sequence[Any]) -> list[dict[str, Any]]:
                 f"models[{i}] needs a name and an encoder (a config with _target_), got keys {sorted(spec)}"
             )
         sweep = spec.pop("sweep", None) or {}
+        spec.setdefault("family", spec["name"])  # members of a sweep (seeds, ensemble members) are one family
         keys = list(sweep)
         for values in itertools.product(*(sweep[k] for k in keys)):
             one = json.loads(json.dumps(spec))
@@ -655,11 +1072,28 @@ def _format_names(node: Any, name: str) -> Any:
     return node.replace("{name}", name) if isinstance(node, str) else node
 
 
-def _model_quality(spec: dict[str, Any], encoder: Any) -> float | None:
+def _model_quality(spec: dict[str, Any], encoder: Any, quality_fn: Callable | None) -> tuple[float | None, str]:
+    """A model's quality and where it came from: ``quality:`` in its entry, else the study's ``quality_fn``
+    (one common test for every model), else the encoder's own ``quality`` attribute."""
     if spec.get("quality") is not None:
-        return float(spec["quality"])
+        return float(spec["quality"]), "config"
+    if quality_fn is not None:
+        try:
+            q = quality_fn(encoder)
+        except Exception as err:  # a model without energies/forces has no quality; never stop the study for it
+            log.warning("quality_fn failed for %s: %s", spec["name"], err)
+            q = None
+        if q is not None:
+            return float(q), "quality_fn"
     q = getattr(encoder, "quality", None)
-    return float(q) if isinstance(q, int | float) else None
+    return (float(q), "encoder") if isinstance(q, int | float) else (None, "none")
+
+
+def _excluded(specs: list[dict[str, Any]], families: dict[str, str], keys: Sequence[str]) -> list[str]:
+    keys = set(keys)
+    return [
+        s["name"] for s in specs if s["name"] in keys or families[s["name"]] in keys or keys & set(s.get("tags") or [])
+    ]
 
 
 def _validated(cfg: Any) -> Any:
@@ -679,8 +1113,26 @@ def _validated(cfg: Any) -> Any:
         raise ValueError(f"unirep-converge config: {err}") from err
 
 
+def _container(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _build_data(node: Any, what: str) -> tuple[Any, str]:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    data_yaml = OmegaConf.to_yaml(node, resolve=True)
+    dataset = instantiate(node, _convert_="all")
+    if len(dataset) == 0:
+        raise ValueError(f"the {what} built from {data_yaml.strip()!r} is empty")
+    return dataset, data_fingerprint(dataset, data_yaml)
+
+
 def run_convergence(cfg: Any) -> dict[str, Any]:
-    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare, write."""
+    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare,
+    calibrate, write; with ``ood_data`` the same models are compared on the out-of-distribution set too."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -691,20 +1143,22 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
     bad_levels = [lv for lv in levels if lv not in LEVELS]
     if bad_levels:
         raise ValueError(f"unknown levels {bad_levels}: use any of {', '.join(LEVELS)}")
-    metrics = cfg.get("metrics", ["mutual_knn"])
-    metrics = OmegaConf.to_container(metrics) if OmegaConf.is_config(metrics) else list(metrics)
-    _metric_fns(metrics)  # fail on an unknown metric before any feature is extracted
+    metrics = _container(cfg.get("metrics", ["mutual_knn"]))
+    fns = _metric_fns(metrics)  # fail on an unknown metric before any feature is extracted
+    if any(m.base in _ANCHOR_METRICS for m in fns) and int(cfg.anchor_space) < 1:
+        raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1")
+    if cfg.anchor_sampling not in ("fps", "random"):
+        raise ValueError(f"anchor_sampling must be fps or random, got {cfg.anchor_sampling!r}")
     out_dir = Path(cfg.get("out_dir") or f"runs/converge/{cfg.get('name', 'study')}")
     cache_dir = Path(cfg.get("cache_dir") or out_dir / "features")
     progress = bool(cfg.get("progress", True))
-    data_yaml = OmegaConf.to_yaml(cfg.data, resolve=True)
-    dataset = instantiate(cfg.data, _convert_="all")
-    if len(dataset) == 0:
-        raise ValueError(f"the data set built from {data_yaml.strip()!r} is empty")
-    dfp = data_fingerprint(dataset, data_yaml)
+    dataset, dfp = _build_data(cfg.data, "data set")
+    ood = _build_data(cfg.ood_data, "out-of-distribution data set") if cfg.get("ood_data") is not None else None
+    quality_fn = instantiate(cfg.quality_fn, _convert_="all") if cfg.get("quality_fn") is not None else None
 
-    features, quality, skipped = [], {}, {}
-    for spec in expand_models(cfg.models):
+    specs = expand_models(cfg.models)
+    features, ood_features, quality, source, skipped, built = [], [], {}, {}, {}, []
+    for spec in specs:
         name = spec["name"]
         try:
             encoder = instantiate(spec["encoder"], _convert_="all")
@@ -718,20 +1172,23 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
         if isinstance(encoder, torch.nn.Module):
             encoder.eval()
         enc_yaml = json.dumps(spec["encoder"], sort_keys=True)
-        key = _sha(dfp, encoder_fingerprint(encoder, enc_yaml), enc_yaml)
-        feats = extract_features(
-            encoder, dataset, name, int(spec.get("batch_size") or cfg.get("batch_size", 32)), cache_dir, key, progress
-        )
+        efp = encoder_fingerprint(encoder, enc_yaml)
+        bs = int(spec.get("batch_size") or cfg.get("batch_size", 32))
+        feats = extract_features(encoder, dataset, name, bs, cache_dir, _sha(dfp, efp, enc_yaml), progress)
         feats = feats.select_layers(spec.get("layers"))
-        feats.quality = _model_quality(spec, encoder)
+        feats.quality, source[name] = _model_quality(spec, encoder, quality_fn)
         quality[name] = feats.quality
         features.append(feats)
+        if ood is not None:
+            of = extract_features(encoder, ood[0], name, bs, cache_dir, _sha(ood[1], efp, enc_yaml), progress)
+            ood_features.append(of.select_layers(spec.get("layers")))
+        built.append(spec)
         del encoder
+    families = {s["name"]: str(s["family"]) for s in built}
+    excluded = _excluded(built, families, list(cfg.exclude_from_mean))
 
-    preprocess = cfg.get("preprocess", {"clamp_quantile": 0.95, "normalize": True})
-    preprocess = OmegaConf.to_container(preprocess) if OmegaConf.is_config(preprocess) else preprocess
-    result = compare(
-        features,
+    preprocess = _container(cfg.get("preprocess", {"clamp_quantile": 0.95, "normalize": True}))
+    options = dict(
         metrics=metrics,
         levels=levels,
         preprocess=preprocess if preprocess else None,
@@ -740,20 +1197,38 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
         anchors=int(cfg.get("anchors", 0)),
         seed=int(cfg.get("seed", 0)),
         progress=progress,
+        anchor_space=int(cfg.anchor_space),
+        anchor_sampling=str(cfg.anchor_sampling),
+        null_permutations=int(cfg.null_permutations),
+        null_metrics=_container(cfg.null_metrics),
+        null_levels=_container(cfg.null_levels),
+        width_floor=bool(cfg.width_floor),
+        floor_draws=int(cfg.floor_draws),
+        intrinsic_dimension=bool(cfg.intrinsic_dimension),
     )
-    summary = write_outputs(
-        result,
-        [f.name for f in features],
-        out_dir,
-        quality,
-        str(cfg.get("quality_name", "quality")),
-        bool(cfg.get("higher_is_better", False)),
+    outputs = dict(
+        quality_name=str(cfg.get("quality_name", "quality")),
+        higher_is_better=bool(cfg.get("higher_is_better", False)),
+        families=families,
+        exclude_from_mean=excluded,
+        bootstrap=int(cfg.bootstrap),
+        seed=int(cfg.seed),
     )
+    names = [f.name for f in features]
+    result = compare(features, **options)
+    summary = write_outputs(result, names, out_dir, quality, **outputs)
+    summary["quality_source"] = source
+    ood_out = None
+    if ood is not None:
+        ood_result = compare(ood_features, **options)
+        ood_summary = write_outputs(ood_result, names, out_dir / "ood", quality, **outputs)
+        summary["ood_shift"] = ood_shift(summary, ood_summary, out_dir)
+        ood_out = {"result": ood_result, "summary": ood_summary, "features": ood_features}
     summary["skipped"] = skipped
     summary["layers"] = {f.name: f.layers for f in features}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return {"result": result, "summary": summary, "features": features, "out_dir": out_dir}
+    return {"result": result, "summary": summary, "features": features, "out_dir": out_dir, "ood": ood_out}
 
 
 def main() -> None:
@@ -772,9 +1247,18 @@ def main() -> None:
         print(f"wrote {out['out_dir']}/alignment.csv ({len(out['result'].rows)} rows), heatmaps, summary.json")
         if s.get("skipped"):
             print("skipped optional models:", ", ".join(s["skipped"]))
-        for metric, by_level in s.get("spearman", {}).items():
-            for level, rho in by_level.items():
-                print(f"Spearman(quality, mean alignment) {metric}/{level}: {rho:.3f}")
+        for metric, by_level in s.get("calibration", {}).items():
+            for level, cal in by_level.items():
+                print(f"{metric}/{level}: {cal['beat_null_bh05']}/{cal['pairs']} pairs beat their permutation null")
+        for metric, by_level in s.get("spearman_ci", {}).items():
+            for level, st in by_level.items():
+                print(
+                    f"Spearman(quality, mean alignment) {metric}/{level}: {st['rho']:.3f} "
+                    f"[{st['lo']:.2f}, {st['hi']:.2f}] p={st['p_value']:.3f} (n={st['n']})"
+                )
+        for measure, by_level in s.get("ood_shift", {}).items():
+            for level, st in by_level.items():
+                print(f"OOD shift {measure}/{level}: median {st['median_id']:.3f} -> {st['median_ood']:.3f}")
 
     _app()
 

@@ -359,3 +359,170 @@ def test_converge_configs_have_a_schema_that_names_a_misspelt_key():
         with pytest.raises(ConfigCompositionException) as err:
             compose("molecular_quick", ["anchors=many"])
         assert "anchors" in str(err.value) + str(err.value.__cause__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calibration, the papers' other measures, anchor space, families, out of distribution (issue 18)
+# ---------------------------------------------------------------------------------------------------------------
+NEW_METRICS = [
+    "distance_correlation",
+    "information_imbalance",
+    "anchor_retrieval",
+    "anchor_ot_distance",
+]
+
+
+def test_new_metrics_nulls_and_floors_through_the_command(tmp_path):
+    models = [_toy("a", seed=1, noise=0.3), _toy("b", seed=2, dim=12, noise=0.5), _toy("r", seed=3, random=True)]
+    out = run_convergence(
+        _cfg(
+            tmp_path,
+            models,
+            metrics=[{"name": "cka"}, *NEW_METRICS],
+            levels=["item", "token_per_group"],
+            anchor_space=10,
+            null_permutations=19,
+            width_floor=True,
+            floor_draws=2,
+        )
+    )
+    res = out["result"]
+    feats = {f.name: f for f in out["features"]}
+    best = {(r["model_a"], r["model_b"], r["level"], r["metric"]): r for r in res.best()}
+    # values equal direct calls on the same preprocessed features (item level: pooled, clamp + L2)
+    pa = M.prepare_features(feats["a"].pooled(1).double())
+    pb = M.prepare_features(feats["b"].pooled(1).double())
+    rows = {
+        (r["layer_a"], r["layer_b"], r["metric"]): r["value"]
+        for r in res.rows
+        if r["level"] == "item" and r["model_a"] == "a" and r["model_b"] == "b"
+    }
+    assert rows[("l2", "l2", "distance_correlation")] == pytest.approx(M.distance_correlation(pa, pb), abs=1e-9)
+    assert rows[("l2", "l2", "information_imbalance")] == pytest.approx(M.information_imbalance(pa, pb), abs=1e-9)
+    # information imbalance is asymmetric: both directions are rows, the best layer pair is the minimum
+    back = [
+        r for r in res.rows if r["model_a"] == "b" and r["model_b"] == "a" and r["metric"] == "information_imbalance"
+    ]
+    assert back and "information_imbalance" in res.lower and "information_imbalance" in res.asymmetric
+    ii = [
+        r["value"]
+        for r in res.rows
+        if r["level"] == "item"
+        and r["model_a"] == "a"
+        and r["model_b"] == "b"
+        and r["metric"] == "information_imbalance"
+    ]
+    assert best[("a", "b", "item", "information_imbalance")]["value"] == pytest.approx(min(ii))
+    # the two related models beat their null at p = 1/20, the random one does not beat the others
+    ab = best[("a", "b", "item", "cka")]
+    assert ab["p_value"] == pytest.approx(1 / 20) and ab["corrected"] > 0.2 and "p_adj" in ab
+    assert best[("a", "r", "item", "cka")]["p_value"] > 0.05
+    assert best[("a", "b", "token_per_group", "anchor_retrieval")]["corrected"] > 0
+    for metric in ("cka", "distance_correlation", "anchor_retrieval"):
+        r = best[("a", "r", "item", metric)]
+        assert r["floor"] == r["floor"] and abs(r["floor_gain"]) < 0.5 + abs(r["value"])
+    # one heatmap per metric (with the corrected row), intrinsic dimension per model, layer and level
+    s = out["summary"]
+    for metric in ("cka", *NEW_METRICS):
+        assert (tmp_path / "out" / f"heatmap_{metric}.png").exists()
+    assert s["calibration"]["cka"]["item"]["pairs"] == 3
+    ids = {(r["model"], r["layer"], r["level"]): r["value"] for r in res.per_model}
+    assert ids[("a", "l2", "item")] == pytest.approx(M.twonn_dimension(pa))
+    assert set(s["intrinsic_dimension"]["item"]) == {"a", "b", "r"}
+    with open(tmp_path / "out" / "best.csv") as fh:
+        header = next(csv.reader(fh))
+    assert {"p_value", "p_adj", "corrected", "floor", "floor_gain"} <= set(header)
+
+
+def test_shared_anchors_are_farthest_points_of_the_joint_space():
+    from unirep.converge import shared_anchors
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [-5.0, 0.0, 0.0]])
+    x = torch.cat([c + 0.2 * torch.randn(30, 3, generator=g) for c in centres]).double()
+    y = x @ torch.randn(3, 5, generator=g, dtype=torch.float64)
+    idx = shared_anchors([x, y], 4, "fps", seed=0, preprocess=None)
+    assert sorted((idx // 30).tolist()) == [0, 1, 2, 3]
+    assert torch.equal(shared_anchors([x, y], 2, "fps", seed=0), idx[:2])  # greedy: prefixes are nested
+    assert shared_anchors([x, y], 4, "random", seed=1).unique().numel() == 4
+
+
+def test_mean_alignment_excludes_duplicates_and_floors(tmp_path):
+    # an "ensemble" of 3 near-identical members, two other models, one random floor
+    models = [
+        {**_toy("ens", noise=0.2, map_seed=0), "sweep": {"seed": [10, 11, 12]}},
+        _toy("p", seed=1, noise=1.0, map_seed=0),
+        _toy("q", seed=2, noise=2.0, map_seed=0),
+        {**_toy("floor", seed=3, random=True), "tags": ["floor"]},
+    ]
+    out = run_convergence(_cfg(tmp_path, models, metrics=["cka"], exclude_from_mean=["floor"]))
+    s = out["summary"]
+    assert s["families"]["ens_seed10"] == s["families"]["ens_seed12"] == "ens"
+    assert s["excluded_from_mean"] == ["floor"]
+    m = out["result"].matrix(s["models"], "item", "cka")
+    idx = {n: i for i, n in enumerate(s["models"])}
+    ens = [idx[f"ens_seed{k}"] for k in (10, 11, 12)]
+    # p's mean: the ensemble family counts once (its members averaged), q once; neither p's floor nor itself
+    expect = (float(m[idx["p"], ens].mean()) + float(m[idx["p"], idx["q"]])) / 2
+    assert s["mean_alignment"]["cka"]["item"]["p"] == pytest.approx(expect)
+    # an ensemble member is never scored against its own family
+    expect_e = (float(m[ens[0], idx["p"]]) + float(m[ens[0], idx["q"]])) / 2
+    assert s["mean_alignment"]["cka"]["item"]["ens_seed10"] == pytest.approx(expect_e)
+    assert "floor" not in s["quality"]
+
+
+def test_quality_fn_and_bootstrap_interval(tmp_path):
+    noises = [0.0, 1.0, 2.0, 4.0, 8.0]
+    models = [_toy(f"n{k}", seed=7 + k, noise=z, map_seed=0) for k, z in enumerate(noises)]
+    out = run_convergence(
+        _cfg(
+            tmp_path,
+            models,
+            metrics=["cka"],
+            levels=["token"],
+            max_tokens=None,
+            bootstrap=300,
+            quality_fn={"_target_": "test_converge.noise_quality", "_partial_": True},
+        )
+    )
+    s = out["summary"]
+    assert s["quality"] == {f"n{k}": z for k, z in enumerate(noises)}
+    assert set(s["quality_source"].values()) == {"quality_fn"}
+    ci = s["spearman_ci"]["cka"]["token"]
+    assert ci["rho"] == pytest.approx(1.0) and ci["lo"] <= 1.0 <= ci["hi"] + 1e-12 and ci["n"] == 5
+
+
+def noise_quality(encoder) -> float:
+    """A quality function (a common test every model takes): here the toy encoder's noise."""
+    return float(encoder.noise)
+
+
+class ShiftedToyData(ToyData):
+    """The toy items far out of distribution: latent states scaled up 6x (like strongly distorted geometries)."""
+
+    def __init__(self, n: int = _N_ITEMS, seed: int = 5):
+        super().__init__(n, seed)
+        for it in self.items:
+            it["latent"] = 6.0 * it["latent"]
+
+
+def test_out_of_distribution_split_is_compared_with_the_same_models(tmp_path):
+    models = [_toy("a", seed=1, noise=0.3), _toy("b", seed=2, dim=12, noise=0.5), _toy("c", seed=4, noise=1.0)]
+    out = run_convergence(
+        _cfg(tmp_path, models, metrics=["cka"], ood_data={"_target_": "test_converge.ShiftedToyData"})
+    )
+    assert out["ood"] is not None and (tmp_path / "out" / "ood" / "best.csv").exists()
+    assert (tmp_path / "out" / "ood_shift.png").exists()
+    with open(tmp_path / "out" / "ood_shift.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    measures = {r["measure"] for r in rows}
+    assert measures == {"twonn_id", "mean_cka"}
+    s = out["summary"]["ood_shift"]
+    assert set(s) == {"twonn_id", "mean_cka"} and "median_ood" in s["mean_cka"]["item"]
+
+
+def test_unknown_metric_and_missing_anchors_fail_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric 'dcorr'"):
+        run_convergence(_cfg(tmp_path, [_toy("a"), _toy("b", seed=2)], metrics=["dcorr"]))
+    with pytest.raises(ValueError, match="anchor_space"):
+        run_convergence(_cfg(tmp_path, [_toy("a"), _toy("b", seed=2)], metrics=["anchor_retrieval"], anchor_space=0))
