@@ -140,10 +140,10 @@ def _load_checkpoint_task(cfg: DictConfig, method: str, signature: str) -> tuple
     from unirep.train import find_checkpoint, load_task
     from unirep.train.checkpoint import resolve_checkpoint
 
+    device = _device(cfg.device)
     if find_checkpoint(cfg.checkpoint) is None:
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no checkpoint there (a step_N folder or a run folder)")
     found = resolve_checkpoint(cfg.checkpoint)  # a run's newest checkpoint that verifies
-    device = _device(cfg.device)
     task, run_cfg = load_task(found, ema=cfg.ema, device=device, trust_config=cfg.trust_config)
     if not cfg.ema:
         print(f"[unirep] ema=false: using the raw (non-EMA) weights of {found}", flush=True)

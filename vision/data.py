@@ -9,9 +9,9 @@ Items are dicts ``{"x": Tensor[C, H, W], "image": Tensor[C', H', W'], "y": long,
 
 Data sets:
 
-- :class:`ImageFolder`: ``root/<class>/<image>`` (or a flat folder, unconditional); PIL decoding; a corrupt or
-  unreadable file raises an error naming it; images are resized (shorter side) and centre-cropped to ``resolution``
-  (ADM's center crop, as REPA's preprocessing uses).
+- :class:`ImageFolder`: ``root/<class>/<image>`` (or a flat folder, unconditional); PIL decoding; corrupt files and
+  empty class folders are reported, by name, when the data set is built (before training starts); images are resized
+  (shorter side) and centre-cropped to ``resolution`` (ADM's center crop, as REPA's preprocessing uses).
 - :class:`LatentFolder`: precomputed latents (``.npy``/``.npz``/``.safetensors``, one per image) with a
   ``dataset.json`` of labels ``{"labels": [[relative_path, label], ...]}`` as REPA's ``preprocessing/dataset_tools.py``
   writes, optionally paired with the image folder the teacher reads.
@@ -247,6 +247,34 @@ def _list_files(root: Path, exts: Sequence[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
 
 
+def _check_class_folders(root: Path, files: Sequence[Path]) -> None:
+    """An empty class folder would silently shift the labels of every later class: refuse it by name."""
+    used = {f.relative_to(root).parts[0] for f in files if f.parent != root}
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in used)
+    if empty and used:
+        raise ValueError(
+            f"image folder {root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)}); labels come "
+            "from the sorted folder names, so an empty one shifts the later classes. Add images or remove the folder(s)"
+        )
+
+
+def scan_images(files: Sequence[Path]) -> None:
+    """Open every image's header and check its structure (PIL ``verify``: PNG chunk checksums, truncation), so a
+    corrupt file stops the run when the data set is built, not when a batch reaches it mid-run."""
+    from PIL import Image
+
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as err:  # noqa: BLE001 (PIL raises many kinds: UnidentifiedImageError, SyntaxError, OSError)
+            bad.append(f"{path} ({type(err).__name__}: {err})")
+    if bad:
+        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{len(bad)} unreadable image(s): {shown}. Remove or replace the file(s)")
+
+
 class ImageFolder(_Flippable):
     """Images under ``root``: ``root/<class_name>/*.png`` (classes sorted by name) or flat (unconditional).
 
@@ -256,6 +284,8 @@ class ImageFolder(_Flippable):
         channels: 3 (RGB) or 1 (grey).
         split, val_fraction, seed: a fixed held-out split over the sorted file list.
         hflip: add mirrored copies.
+        scan: check every image of the split when the data set is built (:func:`scan_images`); empty class folders
+            are refused in any case.
     """
 
     def __init__(
@@ -267,6 +297,7 @@ class ImageFolder(_Flippable):
         val_fraction: float = 0.0,
         seed: int = 0,
         hflip: bool = True,
+        scan: bool = True,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -280,6 +311,7 @@ class ImageFolder(_Flippable):
         classes = sorted({f.parent.name for f in files if f.parent != self.root})
         if classes and any(f.parent == self.root for f in files):
             raise ValueError(f"{self.root} mixes images at the top level with class folders: use one layout")
+        _check_class_folders(self.root, files)
         self.classes = classes
         self.num_classes = len(classes)
         cidx = {c: i for i, c in enumerate(classes)}
@@ -288,6 +320,8 @@ class ImageFolder(_Flippable):
             tr, va = split_indices(len(files), val_fraction, seed)
             keep = tr if split == "train" else va
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        if scan:
+            scan_images(files)
         self.files, self.labels = files, labels
         self.resolution, self.channels, self.hflip = resolution, channels, hflip
 
@@ -412,11 +446,17 @@ def natural_crops_data(
 
 
 def image_folder_data(
-    root: str, resolution: int = 32, channels: int = 3, val_fraction: float = 0.0, seed: int = 0, hflip: bool = True
+    root: str,
+    resolution: int = 32,
+    channels: int = 3,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    hflip: bool = True,
+    scan: bool = True,
 ):
     split = "train" if val_fraction > 0 else "all"
-    train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip)
-    val = ImageFolder(root, resolution, channels, "val", val_fraction, seed, False) if val_fraction > 0 else None
+    train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip, scan)
+    val = ImageFolder(root, resolution, channels, "val", val_fraction, seed, False, scan) if val_fraction > 0 else None
     return _datamodule(
         train, val, dict(num_classes=train.num_classes, channels=channels, resolution=resolution, name=str(root))
     )

@@ -7,7 +7,9 @@ foundations_models.py`` for the file formats). Three file formats load here:
 1. the project's format: a folder (or a ``.json`` + ``.safetensors`` pair) with the :class:`~molecular.models.MACEModel`
    arguments as JSON and its weights as safetensors (:func:`save_mace_model`); nothing is unpickled;
 2. a unirep training checkpoint of a :class:`~molecular.task.MaceTask` (the project's own "foundation" MACE,
-   ``configs/experiment/molecular/foundation.yaml``), loaded through ``unirep.train.load_task``;
+   ``configs/experiment/molecular/foundation.yaml``), loaded through ``unirep.train.load_task``: its stored config is
+   checked by the checkpoint trust model (project classes and registered factories only; ``trust_config=True`` for
+   a config you wrote) and its files against their sha256;
 3. a whole pickled MACE model (``*.model``: what ``mace_run_train`` writes and what the MACE-MP/MACE-OFF
    downloads are). Unpickling runs code from the file, so it needs ``trust_pickle=True`` and warns; torch's
    default dtype and the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` variable are restored afterwards.
@@ -113,7 +115,9 @@ def _load_pickled(path: Path, dtype: str | None) -> MACEModel:
     return model
 
 
-def load_mace_model(path: str | os.PathLike, trust_pickle: bool = False, dtype: str | None = None) -> MACEModel:
+def load_mace_model(
+    path: str | os.PathLike, trust_pickle: bool = False, dtype: str | None = None, trust_config: bool = False
+) -> MACEModel:
     """Load a MACE model from a local path in any of the three formats (see the module docstring)."""
     path = Path(path)
     if not path.exists():
@@ -132,7 +136,7 @@ def load_mace_model(path: str | os.PathLike, trust_pickle: bool = False, dtype: 
         found = find_checkpoint(path)  # a checkpoint folder, or a run/checkpoints folder (its newest checkpoint)
         if found is None:
             raise ValueError(f"{path}: a folder with neither model.json (project format) nor a unirep checkpoint")
-        task, _ = load_task(found, ema=True)
+        task, _ = load_task(found, ema=True, trust_config=trust_config)
         model = task.model
         if not isinstance(model, MACEModel):
             raise TypeError(f"{path}: checkpoint's task.model is {type(model).__name__}, not a MACEModel")
@@ -155,6 +159,7 @@ def mace_teacher(
     cache_dir: str | None = None,
     random_init: bool = False,
     z_table: Sequence[int] = (1, 6, 7, 8, 9),
+    trust_config: bool = False,
 ) -> FrozenEncoder:
     """A frozen MACE teacher from a local file, with the per-structure feature cache (hydra target).
 
@@ -162,7 +167,7 @@ def mace_teacher(
     """
     if random_init:
         return random_mace_teacher(z_table, layers=layers, cache_dir=None)
-    model = load_mace_model(path, trust_pickle=trust_pickle, dtype=dtype)
+    model = load_mace_model(path, trust_pickle=trust_pickle, dtype=dtype, trust_config=trust_config)
     return FrozenEncoder(MACEEncoder(model, layers=layers, invariant=invariant, center=center), cache_dir=cache_dir)
 
 

@@ -402,10 +402,11 @@ def verify_checkpoint(found: str | os.PathLike, names: list[str] | None = None) 
     return state
 
 
-def resolve_checkpoint(path: str | os.PathLike, log: Any = print) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, log: Any = print, skipped: list[Path] | None = None) -> Path:
     """The checkpoint to load from ``path``: the folder itself, or a run's newest checkpoint that verifies.
 
-    A damaged newest checkpoint of a run is skipped for the next older one, and ``log`` says so.
+    A damaged newest checkpoint of a run is skipped for the next older one (appended to ``skipped``), and ``log``
+    says so.
     """
     path = Path(path)
     if (path / "state.json").is_file():
@@ -420,6 +421,8 @@ def resolve_checkpoint(path: str | os.PathLike, log: Any = print) -> Path:
         except CheckpointError as err:
             errors.append(str(err))
             log(f"[unirep] skipping damaged checkpoint {found}: {err}")
+            if skipped is not None:
+                skipped.append(found)
             continue
         if errors:
             log(f"[unirep] falling back to {found}, the newest checkpoint that verifies")

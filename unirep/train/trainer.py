@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import re
 import signal
@@ -323,13 +324,13 @@ class Trainer:
         if resume == "auto":
             if find_checkpoint(self.out_dir / "checkpoints") is None:
                 return None
-            return resolve_checkpoint(self.out_dir / "checkpoints", log=self._log)
+            return resolve_checkpoint(self.out_dir / "checkpoints", log=self._log, skipped=self._damaged)
         if find_checkpoint(resume) is None:
             raise FileNotFoundError(
                 f"trainer.resume={resume}: no checkpoint there (expected a step_N folder with state.json or a run "
                 "folder); use trainer.resume=auto or none"
             )
-        return resolve_checkpoint(resume, log=self._log)
+        return resolve_checkpoint(resume, log=self._log, skipped=self._damaged)
 
     def _log(self, msg: str) -> None:
         if dist_utils.is_main():
@@ -338,6 +339,11 @@ class Trainer:
     def _guard_existing(self, start: int, source: Path | None) -> None:
         """Refuse to mix this run's checkpoints with another run's in ``out_dir`` unless ``trainer.overwrite``."""
         root = self.out_dir / "checkpoints"
+        for bad in self._damaged:  # kept for inspection, out of the way of resume and rotation
+            if bad.parent.resolve() == root.resolve() and bad.exists():
+                aside = root / f".damaged-{bad.name}-{os.getpid()}"
+                os.replace(bad, aside)
+                self._log(f"[unirep] moved the damaged checkpoint {bad.name} aside to {aside}")
         clash = [
             p
             for p in list_checkpoints(root)
@@ -358,6 +364,7 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the checkpoint to resume (if any) and reconcile its config with this run's; returns the start step."""
+        self._damaged: list[Path] = []
         source = self._resume_path() if self.main or self.world == 1 else None
         if self.world > 1:  # rank 0 resolved (and verified) the path; every rank loads that same folder
             source = dist_utils.all_gather_object(source)[0]
@@ -414,9 +421,9 @@ class Trainer:
         """Write changed optimiser values into the restored parameter groups; log every change and the new lr."""
         lr_before = [g["lr"] for g in self.optimizer.param_groups]
         for key, (old, new) in applied.items():
-            name = key.split(".", 1)[1]
             if not key.startswith("optimizer."):
                 continue
+            name = key.split(".", 1)[1]
             for i, group in enumerate(self.optimizer.param_groups):
                 if name == "lr" and isinstance(old, (int, float)) and old:
                     ratio = float(new) / float(old)  # keeps the schedule's position and any per-group scale
