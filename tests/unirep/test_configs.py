@@ -1,8 +1,8 @@
 """Every experiment config composes and trains 2 steps on CPU; schemas reject misspelt keys by name.
 
 Recipes are found by globbing ``configs/experiment/**/*.yaml``, so a backend's new recipe is tested as soon as it
-exists (one test id per file). Each run applies ``trainer.max_steps=2``, the recipe's own ``smoke`` overrides and a
-temporary ``out_dir`` (lightning-hydra-template's ``tests/test_configs.py`` habit).
+exists (one test id per file). Each run applies ``debug=smoke`` (configs/debug/smoke.yaml), the recipe's own ``smoke``
+model deltas and a temporary ``out_dir`` (lightning-hydra-template's ``tests/test_configs.py`` habit).
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from unirep.cli import compose, config_dir, run_eval, run_sample, run_train
 
 EXPERIMENTS = sorted((config_dir() / "experiment").rglob("*.yaml"))
 NAMES = [str(p.relative_to(config_dir() / "experiment").with_suffix("")) for p in EXPERIMENTS]
-# cheap, deterministic trainer settings for every smoke run; a recipe's smoke list may override them
-BASE = [
-    "trainer.max_steps=2",
-    "trainer.device=cpu",
-    "trainer.progress=false",
-    "trainer.tensorboard=false",
-    "trainer.num_threads=1",  # smoke-sized models: extra threads only add contention (30 s vs 2 s per recipe here)
-]
+# cheap, deterministic trainer settings for every smoke run (configs/debug/smoke.yaml: two steps on one CPU thread;
+# extra threads only add contention for smoke-sized models, 30 s vs 2 s per recipe); a recipe's smoke list may
+# override them
+BASE = ["debug=smoke"]
 
 
 def _smoke_overrides(name: str, out_dir: Path) -> list[str]:
