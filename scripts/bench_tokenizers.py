@@ -5,7 +5,7 @@ One run trains every row with the same number of steps and the same seed, throug
 scores each diffusion model on the same footing:
 
 - FD-teacher: Fréchet distance between the teacher's pooled features of generated samples and of training images
-  (the offline stand-in for FID; ``vision.task.frechet_distance``), with k-NN precision/recall (k = 3);
+  (the offline stand-in for FID; ``unirep.metrics.frechet_distance``), with k-NN precision/recall (k = 3);
 - conditional accuracy: a logistic-regression classifier on training pixels applied to class-conditional samples
   (labels 0..9 in turn);
 - tokenizers: PSNR, SSIM and FD-teacher of reconstructions on the held-out split (each stage-1 task's evaluation).
@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from unirep.cli import compose, run_train  # noqa: E402
 from unirep.flow import dimension_shift  # noqa: E402
+from unirep.metrics import frechet_distance, knn_precision_recall  # noqa: E402
 from unirep.train import load_task  # noqa: E402
-from vision.task import frechet_distance, knn_precision_recall  # noqa: E402
 
 LATENT_RAE = (96, 8, 8)  # the digits teacher: 96-d tokens on an 8x8 grid at 32x32
 
@@ -131,7 +131,8 @@ def teacher_overrides(prefix: str, teacher: str) -> list[str]:
 def diffusion_overrides(args: argparse.Namespace, teacher: str) -> list[str]:
     return [
         *teacher_overrides("task.teacher", teacher),
-        "task.time_sampler=logit_normal",
+        "++task.flow._target_=unirep.flow.FlowMatching",
+        "++task.flow.time_dist=logit_normal",
         f"task.sample_steps={args.sample_steps}",
         f"task.cfg_scale={args.cfg_scale}",
         "task.eval_samples=" + str(min(args.samples, 200)),
@@ -243,12 +244,20 @@ def main() -> None:
         "task.model.input_size=32",
         "task.model.patch_size=4",
         "task.model.in_channels=1",
-        "task.time_shift=1.0",
+        "++task.flow.shift=1.0",
         "task.sample_shift=1.0",
     ]
     rows = {
         "SiT pixels": ("rae_sit", pixel),
-        "REPA SiT pixels": ("rae_sit", [*pixel, "task.recipe=repa", "+task.align_depth=2", "+task.projector_dim=256"]),
+        "REPA SiT pixels": (
+            "rae_sit",
+            [
+                *pixel,
+                "+align@task.align.repa=repa",
+                "task.align.repa.layer=2",
+                "task.align.repa.projector.hidden_dim=256",
+            ],
+        ),
         "SiT VA-VAE": (
             "vavae_sit",
             [f"task.tokenizer.checkpoint={tok_dir / 'vavae'}", "task.tokenizer.random_init=null", fit],
@@ -257,15 +266,15 @@ def main() -> None:
             "vavae_sit",
             [f"task.tokenizer.checkpoint={tok_dir / 'kl_vae'}", "task.tokenizer.random_init=null", fit],
         ),
-        "SiT RAE (w128, shift)": ("rae_sit", [*rae_tok, f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"]),
+        "SiT RAE (w128, shift)": ("rae_sit", [*rae_tok, f"++task.flow.shift={s_rae}", f"task.sample_shift={s_rae}"]),
         "SiT RAE (w64 < 96 channels)": (
             "rae_sit",
-            [*rae_tok, "task.model.hidden_size=64", f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"],
+            [*rae_tok, "task.model.hidden_size=64", f"++task.flow.shift={s_rae}", f"task.sample_shift={s_rae}"],
         ),
-        "SiT RAE (w128, no shift)": ("rae_sit", [*rae_tok, "task.time_shift=1.0", "task.sample_shift=1.0"]),
+        "SiT RAE (w128, no shift)": ("rae_sit", [*rae_tok, "++task.flow.shift=1.0", "task.sample_shift=1.0"]),
         "DiT^DH RAE (64 + head 192)": (
             "rae_ditdh",
-            [*rae_tok, f"task.time_shift={s_rae}", f"task.sample_shift={s_rae}"],
+            [*rae_tok, f"++task.flow.shift={s_rae}", f"task.sample_shift={s_rae}"],
         ),
     }
     data = digits_data(resolution=32, channels=1)

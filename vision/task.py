@@ -1,22 +1,25 @@
-"""VisionFlowTask: flow-matching training of a DiT/SiT with representation alignment, sampling and evaluation.
+"""VisionFlowTask: flow matching of a DiT/SiT on images or latents with alignment terms, sampling and evaluation.
 
-One task implements the REPA family as configurations of the shared parts (``unirep.align``, ``unirep.flow``):
+The task is the shared parts put together, with no method switch: :meth:`unirep.flow.FlowMatching.objective` for the
+flow loss, :class:`unirep.align.Alignment` for any set of alignment terms (each a config under ``configs/align/``),
+and, for REG, the class-token flow (:class:`ClassTokenFlow`). The recipes of ``configs/experiment/vision/`` are:
 
-- ``sit``: flow matching only (Ma et al. 2024, willisma/SiT), in this project's time convention (t = 1 noise).
-- ``repa``: + ``Aligner(ProjectorMLP(D, 2048, D_teacher), neg_cosine, 0.5)`` between the output of block
-  ``align_depth`` and the frozen teacher's patch tokens (Yu et al., ICLR 2025; sihyun-yu/REPA ``train.py``,
-  ``loss.py``).
-- ``reg``: REPA + the teacher's class token noised with the same t and its own noise, prepended as a token, its
-  velocity predicted by a zero-initialised head with weight 0.03, sampled jointly (Wu et al. 2025; Martinser/REG).
-- ``haste``: REPA with the alignment weight scheduled to zero at ``align_stop_step`` (Wang et al. 2025, HASTE).
-- ``sra``: the target is a deeper layer of an EMA copy of the student, fed a less noisy input (Jiang et al. 2025,
-  "No Other Representation Component Is Needed", SRA).
-- ``layersync``: the target is a deeper layer of the same forward pass, gradient stopped (Haghighi et al. 2025).
-- ``dispersive``: the dispersive loss on one block's tokens, no target (Wang & He 2025, "Diffuse and Disperse").
+- SiT (Ma et al. 2024, willisma/SiT): no terms, flow matching only, in this project's time convention (t = 1 noise).
+- REPA (Yu et al., ICLR 2025; sihyun-yu/REPA): ``align.repa`` = ``configs/align/repa.yaml``.
+- REG (Wu et al. 2025; Martinser/REG): REPA on ``[cls, patches]`` (``configs/align/reg.yaml``) + ``cls_token``: the
+  teacher's class token noised with the same t and its own noise, prepended as token 0, its velocity read after the
+  shared final LayerNorm + adaLN, weight 0.03, sampled jointly with its own guidance scale.
+- HASTE (Wang et al. 2025; NUS-HPC-AI-Lab/HASTE): REPA + attention distillation (``vision.align``), both stopped at
+  one step (``configs/align/haste.yaml``, ``configs/align/haste_attention.yaml``).
+- SRA (Jiang et al. 2025; vvvvvjdy/SRA): the EMA student at a deeper block and a less noisy time; the task's
+  ``rerun`` runs the EMA copy on the same data and noise with the student's dropped labels.
+- LayerSync (Haghighi et al. 2025): a deeper block of the same pass, detached. Dispersive loss (Wang & He 2025): a
+  regulariser with no target.
 
-Evaluation (``evaluate``): Fréchet distance and k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3) in the
-frozen teacher's pooled feature space between generated samples and the held-out split, the accuracy of a
-separately trained classifier on class-conditional samples, a sample grid PNG and a JSON of the metrics.
+Evaluation (``evaluate``): Fréchet distance and k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3;
+:mod:`unirep.metrics`) in the frozen teacher's pooled feature space between generated samples and the held-out
+split, the accuracy of a separately trained classifier on class-conditional samples, a sample grid PNG and a JSON of
+the metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,47 +35,35 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unirep.align import Aligner, EMATeacher, ProjectorMLP, StopAtStep, dispersive_loss
+from unirep.align import Alignment, AlignmentTerm
 from unirep.encoders import FrozenEncoder
-from unirep.flow import cfg_batched, interpolate, sample_ode, sample_sde, sample_time, shift_time, velocity_target
+from unirep.flow import FlowMatching, FlowSample, cfg_batched, interpolate, sample_ode, sample_sde
+from unirep.metrics import frechet_distance, knn_precision_recall
 from unirep.tokenizers import Tokenizer
+from unirep.tokens import TokenSet
 from unirep.train import Task
+from vision.align import VisionAlignContext
+from vision.models.sit import check_labels
 
-__all__ = ["VisionFlowTask", "RECIPES", "frechet_distance", "knn_precision_recall", "save_grid"]
-
-RECIPES = ("sit", "repa", "reg", "haste", "sra", "layersync", "dispersive")
-_TEACHER_RECIPES = ("repa", "reg", "haste")
+__all__ = ["VisionFlowTask", "ClassTokenFlow", "save_grid"]
 
 
-def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets ``a[n, d]`` and ``b[m, d]`` (FID's formula).
+class ClassTokenFlow:
+    """REG's class-token flow (Wu et al. 2025, Martinser/REG): the teacher's pooled token as an extra flow target.
 
-    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})``; the trace of the matrix square root is computed from the
-    eigenvalues of ``S_a^{1/2} S_b S_a^{1/2}`` (symmetric PSD), which avoids complex parts of ``scipy.linalg.sqrtm``.
+    The token is noised with the item's t and its own noise, enters the SiT as token 0 (``cls_token_dim`` = the
+    teacher's pooled width) and its velocity loss is added with ``weight`` (REG: 0.03). At sampling it is drawn
+    jointly with the image; when the image is guided (``cfg_scale != 1``), the class token is guided with
+    ``cfg_scale`` here (REG's ``cls_cfg_scale``, 1.5 in the anchor's SDE sampling).
     """
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    ev_a, vec_a = torch.linalg.eigh(cov_a)
-    sqrt_a = vec_a @ torch.diag(ev_a.clamp_min(0).sqrt()) @ vec_a.T
-    mid = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0)
-    return float((mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * mid.sqrt().sum())
 
+    def __init__(self, weight: float = 0.03, cfg_scale: float = 1.5) -> None:
+        if weight < 0:
+            raise ValueError(f"ClassTokenFlow weight must be >= 0, got {weight}")
+        self.weight, self.cfg_scale = float(weight), float(cfg_scale)
 
-def knn_precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision/recall (Kynkäänniemi et al. 2019): share of fake (real) points inside the union of the
-    k-NN balls of the real (fake) points; a point's radius is the distance to its k-th nearest neighbour (self
-    excluded)."""
-
-    def radii(x: Tensor) -> Tensor:
-        d = torch.cdist(x, x)
-        return d.kthvalue(k + 1, dim=1).values  # k + 1: the zero distance to itself comes first
-
-    def coverage(ref: Tensor, r: Tensor, query: Tensor) -> float:
-        return float((torch.cdist(query, ref) <= r[None, :]).any(dim=1).float().mean())
-
-    real, fake = real.double(), fake.double()
-    return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
+    def __repr__(self) -> str:
+        return f"ClassTokenFlow(weight={self.weight}, cfg_scale={self.cfg_scale})"
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 10) -> None:
@@ -92,26 +83,43 @@ def save_grid(images: Tensor, path: Path, nrow: int = 10) -> None:
     Image.fromarray(arr[..., 0] if c == 1 else arr[..., :3]).save(path)
 
 
+def _joint_cfg(model_fn, y: Tensor, null_label: int, scale: float, cls_scale: float, n_img: int, interval):
+    """REG's guidance of a packed ``[image, class token]`` state: the image with ``scale``, the class token with
+    ``cls_scale``, both from one call on the doubled batch, only when the image is guided (``scale != 1``) and t lies
+    in ``interval``."""
+    low, high = interval
+
+    def fn(state: Tensor, t: Tensor) -> Tensor:
+        b = state.shape[0]
+        t = t.expand(b) if t.numel() == 1 else t
+        inside = (t >= low) & (t <= high)
+        if scale == 1.0 or not bool(inside.any()):
+            return model_fn(state, t, y)
+        v = model_fn(torch.cat([state, state]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
+        v_c, v_u = v[:b], v[b:]
+        w = torch.full((v_c.shape[1],), scale, dtype=v_c.dtype, device=v_c.device)
+        w[n_img:] = cls_scale
+        guided = v_u + w * (v_c - v_u)
+        return torch.where(inside[:, None], guided, v_c)
+
+    return fn
+
+
 class VisionFlowTask(Task):
-    """Flow matching of ``model`` on images or latents with an optional alignment recipe.
+    """Flow matching of ``model`` on images or latents plus any alignment terms.
 
     Args:
-        model: a :class:`vision.models.sit.SiT` (``forward_intermediates(x, t, y, indices, cls=...)``).
-        recipe: one of :data:`RECIPES`.
-        teacher: frozen encoder: the alignment target of ``repa``/``reg``/``haste`` and, for every recipe, the
-            feature space of FD-teacher and precision/recall in :meth:`evaluate`; wrapped in a
-            :class:`FrozenEncoder`, so its weights are never saved in checkpoints.
-        teacher_cache: cache teacher features per item id (in memory, or on disk under ``teacher_cache_dir``). Turn
-            it off for data with random augmentations whose ids do not name the augmentation.
+        model: a :class:`vision.models.sit.SiT` or :class:`vision.models.ddt.DiTDH` (``forward_intermediates``,
+            ``feature_dim``, ``num_layers``).
+        flow: the training objective (time distribution, shift, prediction); default uniform times, no shift (REPA).
+        align: alignment terms by name (``configs/align/*.yaml``), or ``None``; run by one :class:`Alignment`.
+        teacher: the frozen encoder: the default encoder of every :class:`TeacherTarget` and of HASTE's attention
+            term, REG's class token, and the feature space of FD-teacher and precision/recall in :meth:`evaluate`.
+            Wrapped in a :class:`FrozenEncoder` (content-keyed feature cache), never saved in checkpoints.
+        teacher_cache, teacher_cache_dir: the teacher's in-memory cache on/off, and its precomputed shards.
         tokenizer: maps data to the space the model is trained in (``None``: pixels, or precomputed latents).
-        align_depth: block whose output is aligned (REPA: 4 for B, 8 for L/XL); the dispersive loss's block too.
-        target_depth: the deeper block of the target (``sra``, ``layersync``).
-        align_weight, align_loss, projector_dim: the aligner (REPA: 0.5, neg-cosine, 2048).
-        align_stop_step: ``haste``: the step from which the alignment weight is 0.
-        sra_decay, sra_time_gap: ``sra``: EMA decay of the teacher copy and how much less noise (in t) it sees.
-        dispersive_weight, dispersive_tau: the dispersive regulariser (paper: 0.5 and 0.5).
-        reg_weight: weight of the class-token flow loss (REG: 0.03).
-        time_sampler, time_mean, time_std, time_shift: training-time distribution (REPA: uniform, no shift).
+        cls_token: REG's :class:`ClassTokenFlow`, or ``None``.
+        num_classes: default ``model.num_classes`` (0: unconditional).
         sampler, sample_steps, cfg_scale, guidance_interval, guide_channels, sample_shift: sampling defaults
             (``sampler``: ``euler``/``heun`` ODE or ``sde``); ``guide_channels=3`` reproduces DiT's guidance bug.
         eval_samples, eval_batch, eval_seed: evaluation size and seed.
@@ -120,27 +128,14 @@ class VisionFlowTask(Task):
     def __init__(
         self,
         model: nn.Module,
-        recipe: str = "sit",
+        flow: FlowMatching | None = None,
+        align: Mapping[str, AlignmentTerm] | Alignment | None = None,
         teacher: nn.Module | None = None,
         teacher_cache: bool = True,
         teacher_cache_dir: str | None = None,
         tokenizer: Tokenizer | None = None,
+        cls_token: ClassTokenFlow | None = None,
         num_classes: int | None = None,
-        align_depth: int = 4,
-        target_depth: int | None = None,
-        align_weight: float = 0.5,
-        align_loss: str = "neg_cosine",
-        projector_dim: int = 2048,
-        align_stop_step: int | None = None,
-        sra_decay: float = 0.999,
-        sra_time_gap: float = 0.1,
-        dispersive_weight: float = 0.5,
-        dispersive_tau: float = 0.5,
-        reg_weight: float = 0.03,
-        time_sampler: str = "uniform",
-        time_mean: float = 0.0,
-        time_std: float = 1.0,
-        time_shift: float = 1.0,
         sampler: str = "euler",
         sample_steps: int = 50,
         cfg_scale: float = 1.0,
@@ -152,157 +147,142 @@ class VisionFlowTask(Task):
         eval_seed: int = 0,
     ):
         super().__init__()
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe!r}: use one of {RECIPES}")
         if sampler not in ("euler", "heun", "sde"):
             raise ValueError(f"sampler must be 'euler', 'heun' or 'sde', got {sampler!r}")
         self.model = model
-        self.recipe = recipe
+        self.flow = flow if flow is not None else FlowMatching()
         self.tokenizer = tokenizer
         self.num_classes = int(getattr(model, "num_classes", 0) if num_classes is None else num_classes)
-        depth = int(model.depth)
-        if not 1 <= align_depth <= depth:
-            raise ValueError(f"align_depth {align_depth} outside [1, {depth}] for a model of depth {depth}")
-        self.align_depth = align_depth
         self.teacher: FrozenEncoder | None = None
-        self.aligner: Aligner | None = None
-        self.ema_teacher: EMATeacher | None = None
-        self.teacher_cache = teacher_cache
-        hidden = int(model.hidden_size)
-        if teacher is not None:  # other recipes keep it for evaluation (FD-teacher, precision/recall) only
-            self.teacher = teacher if isinstance(teacher, FrozenEncoder) else FrozenEncoder(teacher, teacher_cache_dir)
-        if recipe in _TEACHER_RECIPES:
-            if self.teacher is None:
-                raise ValueError(f"recipe {recipe!r} needs a teacher (task.teacher in the config)")
-            schedule = None
-            if recipe == "haste":
-                if align_stop_step is None:
-                    raise ValueError("recipe 'haste' needs align_stop_step (the step where alignment stops)")
-                schedule = StopAtStep(align_weight, align_stop_step)
-            projector = ProjectorMLP(hidden, self.teacher.dim, hidden_dim=projector_dim)
-            self.aligner = Aligner(projector, loss=align_loss, weight=align_weight, schedule=schedule)
-            if recipe == "reg" and getattr(model, "cls_token_dim", None) != self.teacher.dim:
-                raise ValueError(
-                    f"recipe 'reg' needs the model built with cls_token_dim = teacher dim ({self.teacher.dim}), "
-                    f"got {getattr(model, 'cls_token_dim', None)}: set task.model.cls_token_dim"
-                )
-        elif recipe in ("sra", "layersync"):
-            if target_depth is None or not align_depth < target_depth <= depth:
-                raise ValueError(
-                    f"recipe {recipe!r} needs align_depth < target_depth <= {depth}, got {align_depth}, {target_depth}"
-                )
-            projector = ProjectorMLP(hidden, hidden, hidden_dim=projector_dim) if recipe == "sra" else None
-            self.aligner = Aligner(projector, loss=align_loss, weight=align_weight)
-            if recipe == "sra":
-                self.ema_teacher = EMATeacher(model, decay=sra_decay)
-        self.target_depth = target_depth
-        self.sra_time_gap = sra_time_gap
-        self.dispersive_weight, self.dispersive_tau = dispersive_weight, dispersive_tau
-        self.reg_weight = reg_weight
-        self.time_sampler, self.time_mean, self.time_std = time_sampler, time_mean, time_std
-        self.time_shift = time_shift
+        if teacher is not None:
+            self.teacher = (
+                teacher
+                if isinstance(teacher, FrozenEncoder)
+                else FrozenEncoder(teacher, teacher_cache_dir, cache=teacher_cache)
+            )
+        self.alignment = align if isinstance(align, Alignment) else Alignment(dict(align) if align else None)
+        self.alignment.bind(model, teacher=self.teacher)
+        self.cls_token = cls_token
+        self._check_class_token()
+        self._layers = self.alignment.student_layers()
+        self._attention = sorted(
+            {k for term in self.alignment.terms.values() for k in getattr(term, "student_attention", list)()}
+        )
         self.sampler, self.sample_steps, self.cfg_scale = sampler, sample_steps, cfg_scale
         self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
         self.guide_channels, self.sample_shift = guide_channels, sample_shift
         self.eval_samples, self.eval_batch, self.eval_seed = eval_samples, eval_batch, eval_seed
         self._classifier: Any = None
 
-    # -- training ------------------------------------------------------------------------------------------------
-    def _check_labels(self, y: Tensor, ids: Sequence[str] | None) -> None:
-        if self.num_classes <= 0:
+    def _check_class_token(self) -> None:
+        """REG's pieces must agree: the model's class-token width, the teacher, the ``[cls, patches]`` targets."""
+        modes = {t.mode for t in self.alignment.teacher_targets()}
+        if self.cls_token is None:
+            if "pooled+tokens" in modes:
+                raise ValueError(
+                    "a TeacherTarget with mode 'pooled+tokens' (REG's [cls, patches]) needs the student's class token: "
+                    "set task.cls_token (vision.task.ClassTokenFlow) and task.model.cls_token_dim"
+                )
             return
-        bad = ((y < 0) | (y >= self.num_classes)).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            where = f" (item {ids[i]!r})" if ids is not None else ""
+        if self.teacher is None:
+            raise ValueError("task.cls_token (REG) needs a teacher: its class token is the extra flow target")
+        dim = int(self.teacher.pooled_dim or self.teacher.dim)
+        if getattr(self.model, "cls_token_dim", None) != dim:
             raise ValueError(
-                f"label {int(y[i])}{where} is outside [0, {self.num_classes}): fix the data set's labels or set "
-                f"task.model.num_classes"
+                f"REG's class token needs the model built with cls_token_dim = the teacher's pooled width ({dim}), "
+                f"got {getattr(self.model, 'cls_token_dim', None)}: set task.model.cls_token_dim"
+            )
+        if "tokens" in modes:  # the student's tokens then start with its class token: 1 + N per item
+            raise ValueError(
+                "with task.cls_token the student's tokens include its class token: align them to [cls, patches] "
+                "(TeacherTarget mode 'pooled+tokens', configs/align/reg.yaml), not to the patch tokens alone"
             )
 
+    # -- training ------------------------------------------------------------------------------------------------
     def _to_model_space(self, x: Tensor) -> Tensor:
         if self.tokenizer is None:
             return x
         with torch.no_grad():
             return self.tokenizer.encode(x)
 
-    def _teacher_out(self, images: Tensor, ids: Sequence[str] | None) -> tuple[Any, Tensor | None]:
+    def _class_token(self, batch: dict[str, Any], device: torch.device) -> Tensor:
         assert self.teacher is not None
-        ids = list(ids) if (ids is not None and self.teacher_cache) else None
-        tokens = self.teacher.encode(images, ids=ids, device=images.device)
-        cls = self.teacher.encode_pooled(images, ids=ids, device=images.device) if self.recipe == "reg" else None
-        return tokens.to(images.device), cls
+        images = batch.get("image", batch["x"])
+        return self.teacher.encode_pooled(images, device=device).float()  # [B, D_cls]
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = batch["x"]
         y = batch.get("y")
-        ids = batch.get("id")
-        if y is not None:
-            y = y.long()
-            self._check_labels(y, ids)
+        y_in = None
+        if y is not None and self.num_classes > 0:
+            y_in = y.long()
+            check_labels(y_in, self.num_classes, batch.get("id"))
         z = self._to_model_space(x)
-        b = z.shape[0]
-        t = sample_time(b, self.time_sampler, self.time_mean, self.time_std, device=z.device)
-        if self.time_shift != 1.0:
-            t = shift_time(t, self.time_shift)
-        eps = torch.randn_like(z)
-        x_t = interpolate(z, eps, t)
-        v_target = velocity_target(z, eps)
-        out: dict[str, Tensor] = {}
+        cls = self._class_token(batch, z.device) if self.cls_token is not None else None
+        model = self.model
+        keep_prefix = cls is not None
+        state: dict[str, Any] = {}
 
-        indices: list[int] = []
-        if self.aligner is not None or self.recipe == "dispersive":
-            indices.append(self.align_depth)
-        if self.recipe == "layersync":
-            indices.append(int(self.target_depth))
-        cls_t = cls_v = None
-        teacher_tokens = None
-        if self.recipe in _TEACHER_RECIPES:
-            teacher_tokens, cls = self._teacher_out(batch.get("image", x), ids)
+        def cls_at(t: Tensor) -> Tensor | None:
+            return None if cls is None else interpolate(cls, state["eps_cls"], t)  # same t, its own noise
+
+        def model_fn(sample: FlowSample) -> tuple[Tensor, Any]:
             if cls is not None:
-                eps_c = torch.randn_like(cls)
-                cls_t = interpolate(cls, eps_c, t)  # same t, its own noise
-                cls_v = velocity_target(cls, eps_c)
-        y_in = y if self.num_classes > 0 else None
-        pred, feats = self.model.forward_intermediates(x_t, t, y_in, indices, cls=cls_t)
-        if cls_t is not None:
-            pred, pred_cls = pred
-            loss_cls = (pred_cls.float() - cls_v.float()).square().mean()
-            out["loss/cls"] = loss_cls.detach()
-        c = z.shape[1]
-        loss_flow = (pred[:, :c].float() - v_target.float()).square().mean()  # learn_sigma: velocity channels only
-        loss = loss_flow
-        out["loss/flow"] = loss_flow.detach()
-        if cls_t is not None:
-            loss = loss + self.reg_weight * loss_cls
+                state["eps_cls"] = torch.randn_like(cls)
+            drop = model.sample_label_drop(y_in) if hasattr(model, "sample_label_drop") else None
+            state["drop"] = drop  # the same dropped labels for an EMA target's rerun (SRA)
+            res = model.forward_intermediates(
+                sample.x_t,
+                sample.t_in,
+                y_in,
+                self._layers,
+                cls=cls_at(sample.t),
+                force_drop_ids=drop,
+                keep_prefix=keep_prefix,
+                attention=self._attention,
+            )
+            pred, feats = res[0], res[1]
+            logits = res[2] if self._attention else {}
+            pred_img, pred_cls = pred if cls is not None else (pred, None)
+            return pred_img, (pred_cls, feats, logits)
 
-        if self.aligner is not None:
-            if self.recipe in _TEACHER_RECIPES:
-                target = teacher_tokens
-            elif self.recipe == "layersync":
-                target = feats[1].detach()
-            else:  # sra: the EMA copy's deeper layer on a less noisy input with the same noise
-                t_teacher = (t - self.sra_time_gap).clamp_min(0.0)
-                with torch.no_grad():
-                    _, tf = self.ema_teacher.module.forward_intermediates(
-                        interpolate(z, eps, t_teacher), t_teacher, y_in, [int(self.target_depth)]
-                    )
-                target = tf[0]
-            res = self.aligner(feats[0], target, step)
-            loss = loss + res["loss"]
-            out["loss/align"] = res["raw"].detach()
-            out["align/cos"] = res["cos"]
-            out["align/weight"] = torch.tensor(float(res["weight"]))
-        if self.recipe == "dispersive":
-            disp = dispersive_loss(feats[0], tau=self.dispersive_tau)
-            loss = loss + self.dispersive_weight * disp
-            out["loss/dispersive"] = disp.detach()
+        step_out = self.flow.objective(z, model_fn)
+        pred_cls, feats, logits = step_out.aux
+        sample = step_out.sample
+        loss = step_out.loss
+        out: dict[str, Tensor] = {"loss/flow": loss.detach()}
+        if cls is not None:
+            assert self.cls_token is not None
+            v_cls = state["eps_cls"] - cls  # velocity target of the class token
+            loss_cls = (pred_cls.float() - v_cls).square().mean()
+            loss = loss + self.cls_token.weight * loss_cls
+            out["loss/cls"] = loss_cls.detach()
+        if len(self.alignment):
+
+            def rerun(module: nn.Module, t: Tensor, indices: list[int]) -> list[TokenSet]:
+                res = module.forward_intermediates(
+                    sample.at(t), t, y_in, indices, cls=cls_at(t), force_drop_ids=state["drop"], keep_prefix=keep_prefix
+                )
+                return res[1]
+
+            ctx = VisionAlignContext(
+                batch=batch,
+                features=dict(zip(self._layers, feats, strict=True)),
+                t=sample.t,
+                rerun=rerun,
+                device=z.device,
+                attention=logits,
+                attention_prefix=1 if keep_prefix else 0,
+            )
+            align_loss, logs = self.alignment(ctx, step)
+            if align_loss is not None:
+                loss = loss + align_loss
+            out.update(logs)
         out["loss"] = loss
         return out
 
     def on_step_end(self, step: int) -> None:
-        if self.ema_teacher is not None:
-            self.ema_teacher.update(self.model)
+        self.alignment.on_step_end(self.model)
 
     # -- sampling ------------------------------------------------------------------------------------------------
     def _latent_shape(self) -> tuple[int, int, int]:
@@ -322,12 +302,14 @@ class VisionFlowTask(Task):
         guide_channels: int | None = None,
         shift: float | None = None,
         batch_size: int | None = None,
+        cls_cfg_scale: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw ``num`` samples (decoded to images when a tokenizer is set) and their labels; deterministic in seed.
 
         Initial noise for every sample comes from one CPU generator seeded with ``seed``, so ODE samples do not depend
         on the batch size or the device; the SDE's per-step noise is drawn per batch (same seed and batch size, same
-        samples). REG samples the class token jointly (packed with the image into one state).
+        samples). REG samples the class token jointly (packed with the image into one state) and guides it with its
+        own scale (``cls_cfg_scale``, default ``cls_token.cfg_scale``) whenever the image is guided.
         """
         sampler = sampler or self.sampler
         steps = steps or self.sample_steps
@@ -341,12 +323,15 @@ class VisionFlowTask(Task):
             labels = torch.arange(num) % max(self.num_classes, 1)
         labels = labels.long()
         if self.num_classes > 0:
-            self._check_labels(labels, None)
+            check_labels(labels, self.num_classes)
         shape = self._latent_shape()
         n_img = int(np.prod(shape))
-        cls_dim = int(self.teacher.dim) if self.recipe == "reg" else 0
+        cls_dim = int(self.model.cls_token_dim) if self.cls_token is not None else 0
         if cls_dim and channels is not None:
             raise ValueError("guide_channels (DiT's 3-channel guidance) is not defined for REG's joint sampling")
+        cls_scale = scale
+        if cls_dim:
+            cls_scale = self.cls_token.cfg_scale if cls_cfg_scale is None else cls_cfg_scale
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(num, n_img + cls_dim, generator=gen, dtype=torch.float32)
         was_training = self.model.training
@@ -376,6 +361,8 @@ class VisionFlowTask(Task):
 
                         def vel(state, t, g=guided):
                             return g(state.reshape(-1, *shape), t).flatten(1)
+                    elif cls_dim and cls_scale != scale:
+                        vel = _joint_cfg(model_fn, y, self.num_classes, scale, cls_scale, n_img, interval)
                     else:
                         vel = cfg_batched(model_fn, y, self.num_classes, scale, interval)
                 else:
@@ -445,7 +432,8 @@ class VisionFlowTask(Task):
         if self.teacher is not None:
             device = next(self.model.parameters()).device
             feats_r = torch.cat([self.teacher.encode_pooled(r.to(device)).cpu() for r in real.split(self.eval_batch)])
-            feats_f = torch.cat([self.teacher.encode_pooled(f.to(device)).cpu() for f in fake.split(self.eval_batch)])
+            # generated images are new every call: computed, not cached
+            feats_f = torch.cat([self.teacher.compute_pooled(f.to(device)).cpu() for f in fake.split(self.eval_batch)])
             metrics["fd_teacher"] = frechet_distance(feats_r, feats_f)
             p, r = knn_precision_recall(feats_r, feats_f, k=3)
             metrics["precision"], metrics["recall"] = p, r

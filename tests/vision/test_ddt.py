@@ -17,6 +17,10 @@ def test_shapes_zero_init_and_intermediates():
     out, feats = m.forward_intermediates(x, t, y, indices=[0, 4, 6])
     assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: output starts at zero
     assert [f.x.shape for f in feats] == [(48, 64), (48, 64), (48, 128)]
+    # one index convention: the head continues after the trunk, negatives count from the end, widths follow
+    assert m.num_layers == 6 and [m.feature_dim(i) for i in (0, 4, 5, -1)] == [64, 64, 128, 128]
+    _, neg = m.forward_intermediates(x, t, y, indices=[-1, -3])
+    assert torch.equal(neg[0].x, feats[2].x) and torch.equal(neg[1].x, feats[1].x)
     with pytest.raises(ValueError, match="outside"):
         m.forward_intermediates(x, t, y, indices=[7])
     with pytest.raises(ValueError, match="REG"):

@@ -7,7 +7,6 @@ from vision.models.sit import (
     list_sit_models,
     sit_b2,
     sit_l2,
-    sit_mini2,
     sit_s2,
     sit_tiny2,
     sit_xl2,
@@ -22,6 +21,5 @@ __all__ = [
     "sit_b2",
     "sit_l2",
     "sit_xl2",
-    "sit_mini2",
     "sit_tiny2",
 ]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirep.intermediates import feature_take_indices, normalize_index
 from unirep.tokens import TokenSet
 from vision.models.sit import FinalLayer, SiT, SiTBlock, get_2d_sincos_pos_embed, unpatchify
 
@@ -41,7 +42,9 @@ class DiTDH(SiT):
         head_depth: number of head blocks (2 in the anchor).
         head_heads: attention heads of the head blocks.
 
-    ``forward_intermediates`` indices 1..depth are trunk blocks, depth+1..depth+head_depth head blocks.
+    ``forward_intermediates`` indices (:mod:`unirep.intermediates`): 0 the embedded input, 1..depth the trunk blocks,
+    depth+1..depth+head_depth the head blocks (``num_layers`` counts both); ``feature_dim`` is ``hidden_size`` in the
+    trunk and ``head_width`` in the head.
     """
 
     def __init__(self, *args, head_width: int = 2048, head_depth: int = 2, head_heads: int = 16, **kwargs):
@@ -76,33 +79,38 @@ class DiTDH(SiT):
         self.head_blocks = nn.ModuleList([SiTBlock(hw, self._head["heads"]) for _ in range(self._head["depth"])])
         self.final_layer = FinalLayer(hw, p * p * c)  # conditioned per token, unlike the trunk's
 
+    @property
+    def num_layers(self) -> int:
+        """Trunk and head blocks: indices 1..depth are the trunk, depth+1..depth+head_depth the head."""
+        return self.depth + self.head_depth
+
+    def feature_dim(self, index: int) -> int:
+        """``hidden_size`` up to the last trunk block, ``head_width`` in the head."""
+        k = normalize_index(index, self.num_layers, "DiTDH")
+        return self.hidden_size if k <= self.depth else self.head_width
+
     def forward_intermediates(
         self,
         x: Tensor,
         t: Tensor,
         y: Tensor | None = None,
-        indices: Sequence[int] = (),
+        indices: int | Sequence[int] | None = (),
         cls: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
+        keep_prefix: bool = False,
+        attention: Sequence[int] = (),
     ) -> tuple[Tensor, list[TokenSet]]:
+        """As :meth:`SiT.forward_intermediates`; the head's indices continue after the trunk's (see the class)."""
         if cls is not None:
             raise ValueError("DiTDH does not support REG's class token")
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"DiTDH expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
-                f"got {tuple(x.shape)}"
-            )
-        total = self.depth + self.head_depth
-        want = {int(i) for i in indices}
-        for i in want:
-            if not 0 <= i <= total:
-                raise ValueError(f"intermediate index {i} outside [0, {total}]")
-        by_index: dict[int, Tensor] = {}
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
+        if attention:
+            raise ValueError("DiTDH does not return attention logits (HASTE's distillation targets SiT blocks)")
+        take = feature_take_indices(self.num_layers, indices, "DiTDH")
+        want = set(take)
+        h, _ = self._embed(x, None)  # [B, N, D]
         t_emb = self.t_embedder(t)  # [B, D]
         c = self._condition(t, y, force_drop_ids)  # [B, D]: t_emb + y_emb
-        if 0 in want:
-            by_index[0] = h
+        by_index: dict[int, Tensor] = {0: h} if 0 in want else {}
         for k, block in enumerate(self.blocks, start=1):
             h = block(h, c)
             if k in want:
@@ -114,7 +122,7 @@ class DiTDH(SiT):
             if k in want:
                 by_index[k] = z
         out = unpatchify(self.final_layer(z, s), self.patch_size, self.out_channels)
-        return out, [TokenSet.from_dense(by_index[int(i)]) for i in indices]
+        return out, [TokenSet.from_dense(by_index[i]) for i in take]
 
     def forward(
         self,

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirep.intermediates import feature_take_indices, normalize_index
+from unirep.nn import timestep_embedding
 from unirep.tokens import TokenSet
 
 __all__ = [
@@ -40,7 +43,7 @@ __all__ = [
     "sit_l2",
     "sit_xl2",
     "sit_tiny2",
-    "sit_mini2",
+    "check_labels",
 ]
 
 
@@ -96,7 +99,7 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar time -> 256-d sinusoidal frequencies -> Linear -> SiLU -> Linear."""
+    """Scalar time -> 256-d sinusoidal frequencies (:func:`unirep.nn.timestep_embedding`) -> Linear, SiLU, Linear."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
@@ -107,19 +110,9 @@ class TimestepEmbedder(nn.Module):
         )
         self.frequency_embedding_size = frequency_embedding_size
 
-    @staticmethod
-    def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-        """``t[B] -> [B, dim]``: cos of the first half of frequencies, then sin (DiT's order)."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
     def forward(self, t: Tensor) -> Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        # times in [0, 1] as they are (scale 1, SiT/REPA), in float32 whatever t's dtype (the samplers' float64 grid)
+        freq = timestep_embedding(t.float(), self.frequency_embedding_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -144,7 +137,12 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention via SDPA, with optional per-head LayerNorm on q and k (qk-norm, as in REPA)."""
+    """Multi-head self-attention via SDPA, with optional per-head LayerNorm on q and k (qk-norm, as in REPA).
+
+    ``forward(x, return_logits=True)`` takes an explicit path instead (``softmax(q k^T / sqrt(d)) v`` written out,
+    the same function) and also returns the pre-softmax logits ``[B, H, N, N]``: SDPA exposes no attention maps, and
+    HASTE's attention distillation needs them for a few blocks only, so the other blocks keep the fused kernel.
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
@@ -152,18 +150,23 @@ class Attention(nn.Module):
             raise ValueError(f"hidden size {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, N, Dh]
         q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        if not return_logits:
+            x = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+        x = logits.softmax(dim=-1) @ v  # [B, H, N, Dh]
+        return self.proj(x.transpose(1, 2).reshape(b, n, d)), logits
 
 
 class Mlp(nn.Module):
@@ -188,12 +191,17 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """``x[B, N, D]``; condition ``c[B, D]`` (one per item) or ``c[B, N, D]`` (one per token, DiT^DH's head)."""
+    def forward(self, x: Tensor, c: Tensor, return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``x[B, N, D]``; condition ``c[B, D]`` (one per item) or ``c[B, N, D]`` (one per token, DiT^DH's head).
+
+        ``return_logits``: also return the attention logits ``[B, H, N, N]`` (the explicit attention path).
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + _per_token(gate_msa) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        a = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), return_logits=return_logits)
+        a, logits = a if return_logits else (a, None)
+        x = x + _per_token(gate_msa) * a
         x = x + _per_token(gate_mlp) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return (x, logits) if return_logits else x
 
 
 class FinalLayer(nn.Module):
@@ -205,9 +213,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def modulated(self, x: Tensor, c: Tensor) -> Tensor:
+        """The tokens after the final LayerNorm and adaLN modulation ``[B, N, D]`` (REG's class head reads token 0)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # per item [B, D] or per token [B, N, D]
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.modulated(x, c))
 
 
 class SiT(nn.Module):
@@ -303,66 +315,98 @@ class SiT(nn.Module):
             nn.init.constant_(self.cls_head.bias, 0)
 
     # ------------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        """L, the number of blocks: ``forward_intermediates`` indices run over 0 (embedding) .. L."""
+        return self.depth
+
+    def feature_dim(self, index: int) -> int:
+        """Width of the hidden tokens at ``index`` (every SiT layer has ``hidden_size``)."""
+        normalize_index(index, self.num_layers, "SiT")
+        return self.hidden_size
+
+    def sample_label_drop(self, y: Tensor | None) -> Tensor | None:
+        """The training-time label-dropout mask ``[B]`` (``None`` when no dropout applies).
+
+        The same draw the label table makes itself; a task that draws it up front passes it as ``force_drop_ids``
+        to the student and to an EMA copy, so both see the same dropped labels (SRA).
+        """
+        emb = self.y_embedder
+        if y is None or emb is None or not self.training or emb.dropout_prob <= 0:
+            return None
+        return torch.rand(y.shape[0], device=y.device) < emb.dropout_prob
+
     def _condition(self, t: Tensor, y: Tensor | None, force_drop_ids: Tensor | None) -> Tensor:
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this SiT is class-conditional (num_classes > 0): pass labels y")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.num_classes):
-                raise ValueError(
-                    f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                    f"got range [{int(y.min())}, {int(y.max())}]"
-                )
+            check_labels(y, self.num_classes + 1, what="SiT label")  # num_classes itself is the null class
             c = c + self.y_embedder(y, self.training, force_drop_ids)
         return c
+
+    def _embed(self, x: Tensor, cls: Tensor | None) -> tuple[Tensor, int]:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], "
+                f"got {tuple(x.shape)}"
+            )
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        if cls is None:
+            return h, 0
+        if self.cls_token_dim is None:
+            raise ValueError("this SiT was built without cls_token_dim: REG's class token is not supported")
+        return torch.cat([self.cls_embedder(cls).unsqueeze(1), h], dim=1), 1  # (B, 1 + N, D)
 
     def forward_intermediates(
         self,
         x: Tensor,
         t: Tensor,
         y: Tensor | None = None,
-        indices: Sequence[int] = (),
+        indices: int | Sequence[int] | None = (),
         cls: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
-    ) -> tuple[Tensor | tuple[Tensor, Tensor], list[TokenSet]]:
-        """Run the model and return the hidden patch tokens after the blocks in ``indices`` (1-based depth).
+        keep_prefix: bool = False,
+        attention: Sequence[int] = (),
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], list[TokenSet]] | tuple[Any, list[TokenSet], dict[int, Tensor]]:
+        """Run the model and return the hidden tokens at ``indices`` (:mod:`unirep.intermediates` convention).
 
-        Index ``k`` is the output of block k (REPA's ``encoder_depth``: 8 aligns the output of the 8th block);
-        0 is the embedded input. The REG class token is excluded from the returned token sets.
+        Index 0 is the embedded input, ``k`` the output of block k (REPA's ``encoder_depth=8`` is 8), negative
+        indices count from the end, ``None`` is every layer. REG's class token is excluded from the returned
+        tokens unless ``keep_prefix`` (REG aligns ``[cls, patches]``: then each item has 1 + N tokens, cls first).
+
+        ``attention``: blocks (1..L, negative from the end) whose attention logits ``[B, H, T, T]`` (T tokens, the
+        class token included) are returned too, computed by the explicit attention path; the return value is then
+        ``(out, feats, {block: logits})``.
 
         Returns:
             ``(out, feats)``: ``out`` is the predicted velocity ``[B, C_out, H, W]``, or ``(velocity, cls_velocity)``
-            when ``cls`` is given; ``feats`` one TokenSet per index, ``B * N`` tokens of size D.
+            when ``cls`` is given; ``feats`` one TokenSet per index.
         """
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"SiT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
-            )
-        want = {int(i) for i in indices}
-        for i in want:
-            if not 0 <= i <= self.depth:
-                raise ValueError(f"intermediate index {i} outside [0, {self.depth}]")
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        take = feature_take_indices(self.num_layers, indices, type(self).__name__)
+        attn_blocks = {normalize_index(int(k), self.num_layers, type(self).__name__) for k in attention}
+        if 0 in attn_blocks:
+            raise ValueError("attention logits exist for blocks 1..L only (0 is the embedded input)")
+        h, n_prefix = self._embed(x, cls)
         c = self._condition(t, y, force_drop_ids)
-        n_prefix = 0
-        if cls is not None:
-            if self.cls_token_dim is None:
-                raise ValueError("this SiT was built without cls_token_dim: REG's class token is not supported")
-            h = torch.cat([self.cls_embedder(cls).unsqueeze(1), h], dim=1)  # (B, 1 + N, D)
-            n_prefix = 1
-        feats: list[TokenSet] = []
-        by_index: dict[int, Tensor] = {}
-        if 0 in want:
-            by_index[0] = h[:, n_prefix:]
+        keep = 0 if keep_prefix else n_prefix
+        want = set(take)
+        by_index: dict[int, Tensor] = {0: h[:, keep:]} if 0 in want else {}
+        logits: dict[int, Tensor] = {}
         for k, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
+            if k in attn_blocks:
+                h, logits[k] = block(h, c, return_logits=True)
+            else:
+                h = block(h, c)
             if k in want:
-                by_index[k] = h[:, n_prefix:]
-        feats = [TokenSet.from_dense(by_index[int(i)]) for i in indices]
-        out = self.final_layer(h[:, n_prefix:], c)  # (B, N, p*p*C_out)
-        out = unpatchify(out, self.patch_size, self.out_channels)
+                by_index[k] = h[:, keep:]
+        feats = [TokenSet.from_dense(by_index[i]) for i in take]
+        y_mod = self.final_layer.modulated(h, c)  # (B, prefix + N, D): final LayerNorm + adaLN, shared by all tokens
+        out = unpatchify(self.final_layer.linear(y_mod[:, n_prefix:]), self.patch_size, self.out_channels)
         if cls is not None:
-            return (out, self.cls_head(h[:, 0])), feats
+            out = (out, self.cls_head(y_mod[:, 0]))  # REG: the class token's velocity after the shared final norm
+        if attention:
+            return out, feats, logits
         return out, feats
 
     def forward(
@@ -378,6 +422,25 @@ class SiT(nn.Module):
         return out
 
 
+def check_labels(y: Tensor, num_classes: int, ids: Sequence[str] | None = None, what: str = "label") -> None:
+    """Labels must lie in ``[0, num_classes)``.
+
+    On the CPU the first bad label is reported with its item id; on an accelerator the check is an asynchronous
+    device assertion, so a training step never waits for the device to answer it.
+    """
+    if y.device.type != "cpu":
+        torch._assert_async(((y >= 0) & (y < num_classes)).all(), f"{what} outside [0, {num_classes})")
+        return
+    bad = ((y < 0) | (y >= num_classes)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        where = f" (item {ids[i]!r})" if ids is not None else ""
+        raise ValueError(
+            f"{what} {int(y[i])}{where} is outside [0, {num_classes}): fix the data set's labels or set "
+            "task.model.num_classes"
+        )
+
+
 # -- presets -------------------------------------------------------------------------------------------------
 #: depth, hidden size, heads of the published sizes, plus tiny CPU sizes
 SIT_CONFIGS: dict[str, dict[str, int]] = {
@@ -385,7 +448,6 @@ SIT_CONFIGS: dict[str, dict[str, int]] = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-    "mini": dict(depth=6, hidden_size=128, num_heads=4),
     "tiny": dict(depth=4, hidden_size=64, num_heads=4),
 }
 
@@ -436,10 +498,6 @@ def sit_l2(**kwargs) -> SiT:
 
 def sit_xl2(**kwargs) -> SiT:
     return create_sit("SiT-XL/2", **kwargs)
-
-
-def sit_mini2(**kwargs) -> SiT:
-    return create_sit("SiT-mini/2", **kwargs)
 
 
 def sit_tiny2(**kwargs) -> SiT:

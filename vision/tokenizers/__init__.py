@@ -15,7 +15,7 @@ from vision.tokenizers.rae import (
     rae_decoder_xl,
     strip_final_norm_affine,
 )
-from vision.tokenizers.vavae import VAVAE, DiagonalGaussian, VFAlignment, adaptive_weight
+from vision.tokenizers.vavae import VAVAE, DiagonalGaussian, adaptive_weight
 
 __all__ = [
     "RAE",
@@ -29,6 +29,5 @@ __all__ = [
     "rae_decoder_xl",
     "VAVAE",
     "DiagonalGaussian",
-    "VFAlignment",
     "adaptive_weight",
 ]

@@ -5,9 +5,10 @@
   (clamped at 1e4) from ``disc_start`` on, on noise-augmented latents; the discriminator alone trains from
   ``disc_update_start`` (RAE: epoch 6 of 16, the generator's adversarial term from epoch 8) with the
   non-saturating generator loss (bytetriper/RAE, stage-1 training).
-- :class:`VAVAEStage1Task`: trains the KL autoencoder with L1 + perceptual + ``kl_weight`` * KL + the VF loss with
-  its adaptive weight ``0.1 * ||grad L_nll|| / (||grad L_vf|| + 1e-4)`` w.r.t. the encoder's last layer (+ optional
-  adversarial term), as hustvl/LightningDiT ``vavae`` (LDM's ``LPIPSWithDiscriminator`` plus the VF loss).
+- :class:`VAVAEStage1Task`: trains the KL autoencoder with L1 + perceptual + ``kl_weight`` * KL + the VF loss (an
+  :class:`unirep.align.AlignmentTerm`, ``configs/align/vf.yaml``) with its adaptive weight
+  ``0.1 * ||grad L_nll|| / (||grad L_vf|| + 1e-4)`` w.r.t. the encoder's last layer (+ optional adversarial term), as
+  hustvl/LightningDiT ``vavae`` (LDM's ``LPIPSWithDiscriminator`` plus the VF loss).
 - :func:`load_tokenizer`: a stage-1 checkpoint (or, for smoke runs, a randomly initialised tokenizer), frozen, with
   latent statistics fitted over the training images when the checkpoint has none.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import abc
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from unirep.align import AlignContext, Alignment, AlignmentTerm
 from unirep.encoders import FrozenEncoder
 from unirep.tokenizers import Tokenizer
 from unirep.train import Task
 from vision.losses import GEN_LOSSES, LPIPS, EncoderPerceptualLoss, gan_adaptive_weight, gan_losses
-from vision.tokenizers.metrics import feature_stats, frechet_distance, psnr, ssim
+from vision.tokenizers.metrics import frechet_distance, psnr, ssim
 from vision.tokenizers.rae import RAE
-from vision.tokenizers.vavae import VAVAE, VFAlignment, adaptive_weight
+from vision.tokenizers.vavae import VAVAE, adaptive_weight
 
 __all__ = ["RAEStage1Task", "VAVAEStage1Task", "load_tokenizer", "fit_tokenizer_statistics", "images_of"]
 
@@ -144,7 +147,8 @@ class _TokenizerTask(Task):
 
     @torch.no_grad()
     def evaluate(self, data, out_dir: Path, step: int) -> dict[str, float]:
-        """PSNR, SSIM and FD-teacher of reconstructions on the held-out split (or the training split)."""
+        """PSNR, SSIM and FD-teacher of reconstructions on the held-out split (or the training split), then the latent
+        statistics fitted over the training split."""
         dataset = data.val if getattr(data, "val", None) is not None and len(data.val) > 0 else data.train
         n = min(len(dataset), self.eval_items)
         loader = DataLoader(
@@ -167,10 +171,18 @@ class _TokenizerTask(Task):
         if enc is not None and n >= 4:
             fa = torch.cat([enc.encode_pooled(x[i : i + 64].to(device)).cpu() for i in range(0, n, 64)])
             fb = torch.cat([enc.encode_pooled(r[i : i + 64].to(device)).cpu() for i in range(0, n, 64)])
-            out["recon/fd_teacher"] = frechet_distance(*feature_stats(fa), *feature_stats(fb))
+            out["recon/fd_teacher"] = frechet_distance(fa, fb)
         if out_dir is not None:
             _save_grid(x[:8], r[:8], Path(out_dir) / f"reconstructions_{step:08d}.png")
         self.train(was_training)
+        # fit the latent statistics here, so the checkpoint carries them (RAE: they depend on the frozen encoder only)
+        n = fit_tokenizer_statistics(
+            self.tokenizer,
+            data.train,
+            max_items=self.fit_statistics_items,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
+        out["stats/items"] = float(n)
         return out
 
 
@@ -244,19 +256,6 @@ class RAEStage1Task(_TokenizerTask):
     def _fd_encoder(self) -> nn.Module:
         return self.tokenizer.encoder
 
-    @torch.no_grad()
-    def evaluate(self, data, out_dir: Path, step: int) -> dict[str, float]:
-        out = super().evaluate(data, out_dir, step)
-        # the statistics depend on the frozen encoder only: fit them here so the checkpoint carries them
-        n = fit_tokenizer_statistics(
-            self.tokenizer,
-            data.train,
-            max_items=self.fit_statistics_items,
-            collate_fn=getattr(data, "collate_fn", None),
-        )
-        out["stats/items"] = float(n)
-        return out
-
 
 class VAVAEStage1Task(_TokenizerTask):
     """Train a VA-VAE (or, with ``align=None``, a plain KL-VAE: the ablation without the VF loss).
@@ -264,25 +263,24 @@ class VAVAEStage1Task(_TokenizerTask):
     Args:
         tokenizer: the :class:`VAVAE` (``task.model``).
         teacher: the frozen encoder (VF target, perceptual features, FD-teacher); wrapped in :class:`FrozenEncoder`.
-        align: ``"vf"`` (VA-VAE), ``"nt_xent"`` (ReaLS) or ``None`` (no alignment).
-        vf_weight: the hyper-weight on the adaptive VF weight (0.1 in the anchor).
-        m1, m2, tau: VF margins and the NT-Xent temperature.
+        align: alignment terms on the latent (``configs/align/vf.yaml``: a per-token linear projector, the 1x1 conv
+            of the anchor, and the VF loss; swap the loss for ``nt_xent``, ReaLS), or ``None``. Each term's weight
+            (0.1 in the anchor) multiplies its adaptive weight ``||grad L_nll|| / (||grad L_align|| + eps)`` taken
+            w.r.t. the encoder's last layer, as hustvl/LightningDiT.
+        adaptive_eps: the ``eps`` of that ratio (1e-4 in the anchor).
         kl_weight: 1e-6 as LDM/VA-VAE.
         perceptual_weight, lpips, lpips_weight, discriminator, disc_weight, disc_start, disc_update_start: as
             :class:`RAEStage1Task` (LDM's GAN weight is 0.5).
         gen_loss: ``"hinge"`` (LDM's ``LPIPSWithDiscriminator``, the default here) or ``"vanilla"``.
-        teacher_cache_dir: optional on-disk cache of teacher features keyed by item id.
+        teacher_cache_dir: optional precomputed teacher features (``unirep-features``).
     """
 
     def __init__(
         self,
         tokenizer: VAVAE,
         teacher: nn.Module | None = None,
-        align: str | None = "vf",
-        vf_weight: float = 0.1,
-        m1: float = 0.5,
-        m2: float = 0.25,
-        tau: float = 0.1,
+        align: Mapping[str, AlignmentTerm] | AlignmentTerm | None = None,
+        adaptive_eps: float = 1e-4,
         kl_weight: float = 1e-6,
         perceptual_weight: float = 1.0,
         lpips: LPIPS | None = None,
@@ -300,9 +298,7 @@ class VAVAEStage1Task(_TokenizerTask):
         super().__init__()
         if not isinstance(tokenizer, VAVAE):
             raise TypeError(f"VAVAEStage1Task needs a VAVAE tokenizer, got {type(tokenizer).__name__}")
-        if align not in ("vf", "nt_xent", None):
-            raise ValueError(f"align must be 'vf', 'nt_xent' or null, got {align!r}")
-        if teacher is None and (align is not None or perceptual_weight > 0):
+        if teacher is None and (align or perceptual_weight > 0):
             raise ValueError(
                 "VAVAEStage1Task: the VF loss and the perceptual loss need a teacher encoder; pass "
                 "teacher=... or set align=null and perceptual_weight=0"
@@ -312,19 +308,9 @@ class VAVAEStage1Task(_TokenizerTask):
         self.teacher = None
         if teacher is not None:
             self.teacher = teacher if isinstance(teacher, FrozenEncoder) else FrozenEncoder(teacher, teacher_cache_dir)
-        self.align = (
-            VFAlignment(
-                tokenizer.z_channels,
-                self.teacher.dim,
-                loss="vf" if align == "vf" else "nt_xent",
-                m1=m1,
-                m2=m2,
-                tau=tau,
-                hyper_weight=vf_weight,
-            )
-            if align is not None
-            else None
-        )
+        terms = {"vf": align} if isinstance(align, AlignmentTerm) else (dict(align) if align else None)
+        self.alignment = Alignment(terms).bind(tokenizer, teacher=self.teacher)
+        self.adaptive_eps = float(adaptive_eps)
         self.kl_weight = float(kl_weight)
         self.perceptual = EncoderPerceptualLoss(self.teacher) if perceptual_weight > 0 else None
         self.perceptual_weight = float(perceptual_weight)
@@ -336,6 +322,25 @@ class VAVAEStage1Task(_TokenizerTask):
     def model(self) -> nn.Module:
         return self.tokenizer
 
+    def _align_terms(self, batch: dict[str, Any], z: Tensor, nll: Tensor, step: int) -> tuple[Tensor, dict]:
+        """Each term weighted by ``weight * ||grad nll|| / (||grad raw|| + eps)`` w.r.t. the encoder's last layer."""
+        ctx = AlignContext(batch=batch, features={1: self.tokenizer.latent_tokens(z)}, device=z.device)
+        total, out = nll.new_zeros(()), {}
+        for name, term in self.alignment.terms.items():
+            res = term(ctx, step)
+            w = float(res["weight"])
+            out[f"loss/{name}"] = res["raw"]
+            if "cos" in res:
+                out[f"align/{name}/cos"] = res["cos"]
+            if w == 0.0:
+                out[f"align/{name}/weight"] = nll.new_zeros(())
+                continue
+            # res["loss"] = w * raw: ||grad raw|| = ||grad loss|| / w
+            ratio = adaptive_weight(nll, res["loss"] / w, self.tokenizer.encoder_last_layer, eps=self.adaptive_eps)
+            total = total + ratio * res["loss"]
+            out[f"align/{name}/weight"] = w * ratio
+        return total, out
+
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = images_of(batch)
         x_rec, z, post = self.tokenizer(x, sample=True)
@@ -343,14 +348,10 @@ class VAVAEStage1Task(_TokenizerTask):
         kl = post.kl().mean() / math.prod(x.shape[1:])  # per pixel, as the L1 term
         out["loss/kl"] = kl.detach()
         loss = nll + self.kl_weight * kl
-        if self.align is not None:
-            ids = batch.get("id")
-            target = self.teacher.encode(x, ids=list(ids) if ids is not None else None, device=x.device)
-            l_vf = self.align(z, target.to(x.device))
-            w = adaptive_weight(nll, l_vf, self.tokenizer.encoder_last_layer, eps=self.align.eps)
-            w = self.align.hyper_weight * w
-            loss = loss + w * l_vf
-            out.update({"loss/vf": l_vf.detach(), "vf/weight": w})
+        if len(self.alignment):
+            align_loss, logs = self._align_terms(batch, z, nll, step)
+            loss = loss + align_loss
+            out.update(logs)
         gan = self._gan_terms(x, x_rec, nll, self.tokenizer.decoder_last_layer, step)
         out["loss"] = loss + gan.pop("gan_total", 0.0)
         return {**out, **gan}
@@ -360,18 +361,6 @@ class VAVAEStage1Task(_TokenizerTask):
 
     def _fd_encoder(self) -> nn.Module | None:
         return self.teacher
-
-    @torch.no_grad()
-    def evaluate(self, data, out_dir: Path, step: int) -> dict[str, float]:
-        out = super().evaluate(data, out_dir, step)
-        n = fit_tokenizer_statistics(
-            self.tokenizer,
-            data.train,
-            max_items=self.fit_statistics_items,
-            collate_fn=getattr(data, "collate_fn", None),
-        )
-        out["stats/items"] = float(n)
-        return out
 
 
 def _build(node: Any) -> Any:

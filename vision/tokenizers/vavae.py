@@ -8,18 +8,18 @@ anchor implementation hustvl/LightningDiT (``vavae/``, built on the LDM autoenco
   nearest upsampling, one self-attention block in the middle), a diagonal Gaussian posterior and KL weight 1e-6.
   The downsampling factor is ``2**(len(ch_mult) - 1)``; the latent has ``z_channels`` channels (f16 d32 in the
   anchor).
-- VF loss (:class:`VFAlignment`): a 1x1 conv projects the latent sample to the teacher's width and
-  ``unirep.align.vf_loss`` (marginal cosine, m1 = 0.5, plus marginal distance matrix, m2 = 0.25) compares it with
-  the frozen encoder's patch features at the same grid; the weight is adaptive,
+- VF loss: an :class:`unirep.align.AlignmentTerm` on the latent (``configs/align/vf.yaml``): a per-token linear
+  projector (the anchor's 1x1 conv) to the teacher's width and ``unirep.align.vf_loss`` (marginal cosine, m1 = 0.5,
+  plus marginal distance matrix, m2 = 0.25) against the frozen encoder's patch features (the teacher grid resampled
+  to the latent grid when they differ); the stage-1 task weighs it adaptively,
   ``w = 0.1 * ||grad L_nll|| / (||grad L_vf|| + 1e-4)`` with gradients taken w.r.t. the encoder's last layer.
-  ``loss="nt_xent"`` swaps in the contrastive alignment of ReaLS (Xu et al. 2025) for comparison.
+  ``nt_xent`` as the term's loss swaps in the contrastive alignment of ReaLS (Xu et al. 2025) for comparison.
+  The VAE is a one-layer "student" for the term: index 1 (= -1) is the latent, ``feature_dim`` its channels.
 - Latent normalisation: per-channel statistics over the training set (``latent_mean``/``latent_std`` of shape
   ``(C, 1, 1)``); skipping it breaks diffusion on VA-VAE latents (FID 130 in the paper).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from unirep.tokenizers import Tokenizer
 from unirep.tokens import TokenSet
 
-__all__ = ["DiagonalGaussian", "VAEEncoder", "VAEDecoder", "VAVAE", "VFAlignment", "adaptive_weight"]
+__all__ = ["DiagonalGaussian", "VAEEncoder", "VAEDecoder", "VAVAE", "adaptive_weight"]
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -189,6 +189,21 @@ class VAVAE(Tokenizer):
         return (self.z_channels, g, g)
 
     @property
+    def num_layers(self) -> int:
+        """For alignment terms: index 0 is the image, 1 (= -1) the latent sample (:meth:`latent_tokens`)."""
+        return 1
+
+    def feature_dim(self, index: int) -> int:
+        from unirep.intermediates import normalize_index
+
+        return self.in_channels if normalize_index(index, 1, "VAVAE") == 0 else self.z_channels
+
+    @staticmethod
+    def latent_tokens(z: Tensor) -> TokenSet:
+        """A latent ``[B, C, h, w]`` as B items of ``h * w`` tokens of size C (row-major, the teacher grid's order)."""
+        return TokenSet.from_dense(z.flatten(2).transpose(1, 2))
+
+    @property
     def encoder_last_layer(self) -> Tensor:
         """The weight the VF adaptive weight is computed against (the encoder's output conv)."""
         return self.encoder.conv_out.weight
@@ -232,47 +247,3 @@ def adaptive_weight(loss_a: Tensor, loss_b: Tensor, layer: Tensor, eps: float, m
     if ga is None or gb is None:
         return loss_a.new_zeros(())
     return (ga.norm() / (gb.norm() + eps)).clamp(0.0, max_value).detach()
-
-
-class VFAlignment(nn.Module):
-    """Vision-foundation alignment of a latent ``[B, C, h, w]`` to frozen teacher patch tokens.
-
-    A 1x1 conv maps the latent to the teacher width; the teacher grid is resampled to the latent grid when they
-    differ (``unirep.align.resample_grid``, bilinear); the loss is ``unirep.align.vf_loss`` (``loss="vf"``) or
-    ``unirep.align.nt_xent`` (``loss="nt_xent"``, ReaLS).
-    """
-
-    def __init__(
-        self,
-        z_channels: int,
-        teacher_dim: int,
-        loss: str = "vf",
-        m1: float = 0.5,
-        m2: float = 0.25,
-        tau: float = 0.1,
-        hyper_weight: float = 0.1,
-        eps: float = 1e-4,
-    ):
-        super().__init__()
-        if loss not in ("vf", "nt_xent"):
-            raise ValueError(f"VFAlignment loss must be 'vf' or 'nt_xent', got {loss!r}")
-        self.proj = nn.Conv2d(z_channels, teacher_dim, 1)
-        self.loss, self.m1, self.m2, self.tau = loss, m1, m2, tau
-        self.hyper_weight, self.eps = hyper_weight, eps
-
-    def forward(self, z: Tensor, teacher: TokenSet) -> Tensor:
-        from unirep.align import nt_xent, resample_grid, vf_loss
-
-        b, _, h, w = z.shape
-        pred = self.proj(z).flatten(2).transpose(1, 2)  # [B, h*w, D_teacher]
-        target, mask = teacher.to_dense()  # [B, N, D_teacher]
-        if not bool(mask.all()):
-            raise ValueError("VF alignment needs the same number of teacher tokens for every image")
-        if target.shape[1] != h * w:
-            if h != w or int(math.isqrt(target.shape[1])) ** 2 != target.shape[1]:
-                raise ValueError(f"cannot resample {target.shape[1]} teacher tokens to a {h}x{w} latent grid")
-            target = resample_grid(target, h * w)
-        pred_ts, target_ts = TokenSet.from_dense(pred), TokenSet.from_dense(target.to(pred.dtype))
-        if self.loss == "vf":
-            return vf_loss(pred_ts, target_ts, m1=self.m1, m2=self.m2)
-        return nt_xent(pred_ts, target_ts, tau=self.tau)
