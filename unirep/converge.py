@@ -355,6 +355,7 @@ class _Metric:
     label: str
     base: str
     fn: Callable[..., float]
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def higher_is_better(self) -> bool:
@@ -380,7 +381,7 @@ def _metric_fns(metrics: Sequence[dict[str, Any] | str]) -> list[_Metric]:
                 + "".join(f"_{k}{v}" for k, v in sorted(spec.items()) if k != "kernel")
                 + (f"_{spec['kernel']}" if "kernel" in spec else "")
             )
-        out.append(_Metric(label, name, _bind(fn, spec)))
+        out.append(_Metric(label, name, _bind(fn, spec), spec))
     labels = [m.label for m in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"metric labels must be unique (give one a `label:`); got {labels}")
@@ -686,7 +687,10 @@ def _part_null(
         return m.fn(a, b, **ex[part_of[id(a)]])
 
     weights = [w for w, _ in pa.parts]
-    return permutation_null(fn, xs_a, [x for _, x in pb.parts], permutations, seed, m.higher_is_better, weights, value)
+    fast = None if m.base in _ANCHOR_METRICS else m.base  # exact fast paths where a permutation only relabels
+    return permutation_null(
+        fn, xs_a, [x for _, x in pb.parts], permutations, seed, m.higher_is_better, weights, value, fast, m.kwargs
+    )
 
 
 def _width_floor(

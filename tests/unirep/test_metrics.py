@@ -421,3 +421,28 @@ def test_spearman_bootstrap_interval():
     g = np.random.default_rng(0)
     noise = M.spearman_bootstrap(g.normal(size=12), g.normal(size=12), n_boot=500)
     assert noise["lo"] < 0 < noise["hi"]
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("mutual_knn", {"topk": 5}),
+        ("cknna", {"topk": 5}),
+        ("cka", {}),
+        ("distance_correlation", {}),
+        ("distance_correlation", {"unbiased": True}),
+        ("information_imbalance", {}),
+    ],
+)
+def test_fast_permutation_nulls_equal_recomputation(name, kw):
+    a, b = _data(n=70, noise=0.5)
+    a, b = M.prepare_features(a), M.prepare_features(b)
+    fn = {**M.METRICS, **M.PAIR_METRICS}[name]
+    g = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(70, generator=g) for _ in range(4)]
+    fast = M.permuted_scores(name, a, b, perms, **kw)
+    slow = torch.tensor([fn(a, b[p], **kw) for p in perms], dtype=torch.float64)
+    assert fast is not None and torch.allclose(fast, slow, atol=1e-6)
+    out_fast = M.permutation_null(lambda x, y: fn(x, y, **kw), a, b, 9, seed=2, metric=name, metric_kwargs=kw)
+    out_slow = M.permutation_null(lambda x, y: fn(x, y, **kw), a, b, 9, seed=2)
+    assert out_fast == pytest.approx(out_slow, abs=1e-6)
