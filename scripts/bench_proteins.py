@@ -1,0 +1,129 @@
+"""Protein benchmarks for docs/proteins.md: environment probes, autoencoder reconstruction, flow validity.
+
+Resumable: each part writes ``<out>/<part>.json`` and a rerun skips the parts already there (``--force`` redoes
+them). Needs the protein set (``scripts/make_protein_data.py``). Every part fits well under 30 minutes on 2 cores.
+
+    .venv/bin/python scripts/bench_proteins.py --parts probes          # teacher embeddings vs descriptors vs random
+    .venv/bin/python scripts/bench_proteins.py --parts masked          # residue identity, own side chain removed
+    .venv/bin/python scripts/bench_proteins.py --parts slae flow       # autoencoder, then the latent flow on it
+    .venv/bin/python scripts/bench_proteins.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+PROBE_ENCODERS = ("random", "acsf", "soap", "chgnet", "diep")
+MASKED_ENCODERS = ("random", "acsf", "soap", "chgnet")
+MAX_PROBE_RESIDUES = 300  # proteins above this size are left out of the probe study (CPU time of the teachers)
+
+
+def _atom_encoder(name: str):
+    from molecular.descriptors import ACSFDescriptor, SOAPDescriptor
+    from molecular.proteins.environments import RandomAtomEncoder
+
+    species = [1, 6, 7, 8, 16]
+    if name == "random":
+        return RandomAtomEncoder(r_max=5.0, dim=64, seed=0)
+    if name == "soap":
+        return SOAPDescriptor(species=species, r_cut=5.0)
+    if name == "acsf":
+        return ACSFDescriptor(species=species, r_cut=5.0)
+    if name == "chgnet":
+        from molecular.teachers.external import CHGNetEncoder
+
+        return CHGNetEncoder("0.3.0")
+    if name == "diep":
+        from molecular.teachers.external import DIEPEncoder
+
+        return DIEPEncoder()
+    raise ValueError(name)
+
+
+def _probe_sets(root: str):
+    from molecular.proteins.data import ProteinSet
+
+    train = [p for p in ProteinSet(root, "train").items if p.num_residues <= MAX_PROBE_RESIDUES]
+    test = [p for p in ProteinSet(root, "test").items if p.num_residues <= MAX_PROBE_RESIDUES]
+    return train, test
+
+
+def part_probes(args, name: str) -> dict:
+    """Full-protein environments (CA token of each residue) -> SSE, residue type (side chain visible), torsions."""
+    from molecular.proteins.environments import ResidueEnvironmentEncoder, environment_probe_study
+
+    train, test = _probe_sets(args.root)
+    enc = ResidueEnvironmentEncoder(_atom_encoder(name), mode="full", pool="ca")
+    layers = list(range(len(enc.layer_names)))
+    res = environment_probe_study(enc, train, test, layers=layers)
+    res.update(encoder=name, mode="full", pool="ca", train_proteins=len(train), test_proteins=len(test))
+    return res
+
+
+def part_masked(args, name: str) -> dict:
+    """Capped 6 A fragments with the residue's own side chain removed -> residue identity (and SSE, torsions)."""
+    from molecular.proteins.environments import ResidueEnvironmentEncoder, environment_probe_study
+
+    train, test = _probe_sets(args.root)
+    enc = ResidueEnvironmentEncoder(
+        _atom_encoder(name), mode="fragment", cutoff=6.0, mask_side_chain=True, stride=args.stride
+    )
+    res = environment_probe_study(enc, train, test, layers=[-1])
+    res.update(encoder=name, mode="fragment", cutoff=6.0, stride=args.stride)
+    return res
+
+
+def parts() -> dict[str, Callable]:
+    table: dict[str, Callable] = {}
+    for n in PROBE_ENCODERS:
+        table[f"probes_{n}"] = lambda a, n=n: part_probes(a, n)
+    for n in MASKED_ENCODERS:
+        table[f"masked_{n}"] = lambda a, n=n: part_masked(a, n)
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench_proteins")
+    ap.add_argument("--root", default="data/proteins")
+    ap.add_argument("--parts", nargs="*", default=["probes", "masked", "slae", "flow"], help="names or prefixes")
+    ap.add_argument("--stride", type=int, default=4, help="masked parts: every k-th residue")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="training steps of the slae/flow parts")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    table = parts()
+    if args.list:
+        print("\n".join(table))
+        return
+    chosen = [k for k in table if any(k == p or k.startswith(p + "_") or k == p.rstrip("_") for p in args.parts)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for key in chosen:
+        path = out / f"{key}.json"
+        if path.exists() and not args.force:
+            print(f"[skip] {key}: {path} exists")
+            continue
+        print(f"[run] {key}", flush=True)
+        start = time.perf_counter()
+        result = table[key](args)
+        result["wall_seconds"] = time.perf_counter() - start
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+        print(f"[done] {key} in {result['wall_seconds']:.0f} s: {json.dumps(result)[:400]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
