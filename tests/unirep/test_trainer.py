@@ -400,3 +400,82 @@ def test_num_threads_applies_during_fit_only(tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
         _trainer(task, tmp_path, num_threads=-1)
+
+
+def test_ema_warmup_closed_form_and_resume(tmp_path):
+    """mace-torch / torch_ema ``use_num_updates``: the n-th update (1-based) uses min(d, (1 + n) / (10 + n))."""
+    from unirep.train import EMA
+
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9, warmup=True)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    expected_factor = 1.0
+    for n in range(1, 31):
+        ema.update(model)
+        expected_factor *= min(0.9, (1 + n) / (10 + n))
+    # constant target p: ema_k = p + prod_n decay_n (ema_0 - p)
+    assert torch.allclose(ema.state_dict()["weight"], 1.0 + expected_factor * (start - 1.0), atol=1e-6)
+    assert ema.num_updates == 30 and ema.current_decay() == 32 / 41
+    ema.num_updates = 80
+    assert ema.current_decay() == 0.9  # (1 + 81) / (10 + 81) > 0.9: the flat decay from here on
+    assert EMA(model, decay=0.9).current_decay() == 0.9  # without warm-up: flat from the first update
+
+    # the count is saved and restored, so a resumed warm-up continues where it stopped
+    torch.manual_seed(0)
+    t = _trainer(NoisyRegression(), tmp_path, max_steps=4, ckpt_every=4, ema_decay=0.99)
+    t.fit()
+    import json
+
+    assert json.loads((tmp_path / "checkpoints" / "step_00000004" / "state.json").read_text())["ema_num_updates"] == 4
+    resumed = _trainer(NoisyRegression(), tmp_path, max_steps=5, ckpt_every=4, ema_decay=0.99)
+    resumed.fit()
+    assert resumed.ema.num_updates == 5
+
+
+def test_trainer_defaults_live_in_the_dataclass():
+    """One source of trainer defaults: TrainerConfig. The yaml restates none and the Trainer takes them from it."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from unirep.config import TrainerConfig
+
+    default_yaml = Path(__file__).resolve().parents[2] / "configs" / "trainer" / "default.yaml"
+    assert set(yaml.safe_load(default_yaml.read_text())) == {"defaults"}
+    t = Trainer(NoisyRegression(), _data(), functools.partial(torch.optim.AdamW, lr=1e-3))
+    assert t.cfg == TrainerConfig()
+    assert {"overwrite", "ema_warmup", "reset_ema", "max_weight_growth"} <= {
+        f.name for f in dataclasses.fields(TrainerConfig)
+    }
+    with pytest.raises(TypeError, match="unknown option.*max_step"):
+        Trainer(NoisyRegression(), _data(), torch.optim.AdamW, max_step=3)
+
+
+def test_trainer_values_validated_at_construction():
+    for bad, word in [
+        (dict(lr_schedule="cosin"), "lr_schedule"),
+        (dict(min_lr_ratio=2.0), "min_lr_ratio"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(keep_last=-1), "keep_last"),
+        (dict(warmup_steps=-1), "warmup_steps"),
+        (dict(precision="bf32"), "precision"),
+        (dict(device="tpu"), "device"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            _trainer(NoisyRegression(), "unused", **bad)
+
+
+def test_functions_fit_on_a_screen():
+    """Issue 11: no function of the trainer, checkpoints, EMA, logging, CLI or config is over 80 lines."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "unirep"
+    files = ["train/trainer.py", "train/checkpoint.py", "train/ema.py", "train/logging.py", "train/distributed.py"]
+    for rel in [*files, "cli.py", "config.py"]:
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 80, f"{rel}:{node.lineno} {node.name}"
