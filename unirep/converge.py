@@ -1015,6 +1015,7 @@ class ConvergeConfig:
     bootstrap: int = 2000  # resamples of the Spearman interval
     quality_fn: Any = None  # {_target_, _partial_: true, ...} called as fn(encoder) -> float | None
     ood_data: Any = None  # a second data set (same models): out_dir/ood/ and the in- vs out-of-distribution shift
+    ood_metrics: list[Any] | None = None  # metrics on ood_data (None: the same); no permutation nulls there
     batch_size: int = 32
     quality_name: str = "quality"
     higher_is_better: bool = False
@@ -1151,6 +1152,13 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
     fns = _metric_fns(metrics)  # fail on an unknown metric before any feature is extracted
     if any(m.base in _ANCHOR_METRICS for m in fns) and int(cfg.anchor_space) < 1:
         raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1")
+    known = {m.label for m in fns} | {m.base for m in fns}
+    unknown_null = [x for x in (cfg.null_metrics or []) if x not in known]
+    if unknown_null:
+        raise ValueError(f"null_metrics {unknown_null} are not among the study's metrics {sorted(known)}")
+    bad_null_levels = [x for x in (cfg.null_levels or []) if x not in levels]
+    if bad_null_levels:
+        raise ValueError(f"null_levels {bad_null_levels} are not among the study's levels {levels}")
     if cfg.anchor_sampling not in ("fps", "random"):
         raise ValueError(f"anchor_sampling must be fps or random, got {cfg.anchor_sampling!r}")
     out_dir = Path(cfg.get("out_dir") or f"runs/converge/{cfg.get('name', 'study')}")
@@ -1224,7 +1232,10 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
     summary["quality_source"] = source
     ood_out = None
     if ood is not None:
-        ood_result = compare(ood_features, **options)
+        ood_options = {**options, "null_permutations": 0}
+        if cfg.get("ood_metrics") is not None:
+            ood_options["metrics"] = _container(cfg.ood_metrics)
+        ood_result = compare(ood_features, **ood_options)
         ood_summary = write_outputs(ood_result, names, out_dir / "ood", quality, **outputs)
         summary["ood_shift"] = ood_shift(summary, ood_summary, out_dir)
         ood_out = {"result": ood_result, "summary": ood_summary, "features": ood_features}
