@@ -4,6 +4,7 @@
 - :mod:`~molecular.data.readers`: ASE, rdkit (SMILES, SDF) and biotite (PDB, mmCIF) readers, :func:`write_extxyz`;
 - :mod:`~molecular.data.graphs`: neighbour lists and the one batch type, :class:`GraphBatch`;
 - :mod:`~molecular.data.dataset`: :class:`AtomsDataset`, :func:`load_dataset`, splits;
+- :mod:`~molecular.data.shards`: :class:`ShardedAtomsDataset`, sets larger than RAM in safetensors shards;
 - :mod:`~molecular.data.labelling`: xTB / MMFF labels, the least-squares E0 fit;
 - :mod:`~molecular.data.sampling`: displacements, normal modes, Langevin MD, the data sets made on first use.
 
@@ -34,6 +35,7 @@ from .sampling import (
     qm9_structures,
     thermal_displacements,
 )
+from .shards import ShardedAtomsDataset, convert_to_shards, write_shards
 from .structure import Structure, StructureError, validate_structures
 
 __all__ = [
@@ -55,6 +57,9 @@ __all__ = [
     "z_lookup",
     "species_index",
     "AtomsDataset",
+    "ShardedAtomsDataset",
+    "convert_to_shards",
+    "write_shards",
     "split_indices",
     "load_dataset",
     "train_val_split",

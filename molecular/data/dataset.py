@@ -1,5 +1,8 @@
 """The atomistic data set: structures as neighbour graphs (once, in memory), an on-disk cache of the processed
-graphs (safetensors + JSON, no pickles), seeded splits, and the train/validation split of a labelled file."""
+graphs (safetensors + JSON, no pickles), seeded splits, and the train/validation split of a labelled file.
+
+A data set larger than RAM is a shard directory (:mod:`molecular.data.shards`): :func:`load_dataset` opens a
+directory as a :class:`~molecular.data.shards.ShardedAtomsDataset`, read lazily item by item."""
 
 from __future__ import annotations
 
@@ -159,10 +162,15 @@ def load_dataset(
     reader: Callable[[Path], list[Structure]] | None = None,
 ) -> AtomsDataset:
     """Read a file into an :class:`AtomsDataset`, through an on-disk cache keyed by the file's content and
-    ``r_max`` (a data set is processed once)."""
+    ``r_max`` (a data set is processed once). A directory is a shard directory
+    (:class:`~molecular.data.shards.ShardedAtomsDataset`): nothing is loaded up front and ``cache_dir`` is unused."""
     path = Path(path)
     if not path.exists():
         raise StructureError(f"{path}: data file not found; run scripts/make_molecular_data.py or fix the path")
+    if path.is_dir():
+        from .shards import ShardedAtomsDataset
+
+        return ShardedAtomsDataset(path, r_max=r_max, z_table=z_table, require_labels=require_labels)
     cache = None
     if cache_dir is not None:
         key = hashlib.sha1(f"{_file_digest(path)}|{float(r_max)}|{getattr(reader, '__name__', '')}".encode())

@@ -7,8 +7,11 @@ least-squares E0 fit (MACE's ``E0s="average"``) every model of the project uses.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,14 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from .structure import Structure, StructureError
 
-__all__ = ["MMFFCalculator", "make_calculator", "resolve_calculator", "label_structures", "fit_atomic_energies"]
+__all__ = [
+    "MMFFCalculator",
+    "make_calculator",
+    "resolve_calculator",
+    "label_structures",
+    "label_to_file",
+    "fit_atomic_energies",
+]
 
 
 class MMFFCalculator(Calculator):
@@ -84,24 +94,92 @@ def resolve_calculator(calculator: Any):
     return make_calculator(calculator) if isinstance(calculator, str) else calculator
 
 
-def label_structures(structures: Sequence[Structure], calculator: Any = "gfn2") -> list[Structure]:
-    """Energies and forces from an ASE calculator (name or object, or a zero-arg factory) for every structure."""
+def label_structures(
+    structures: Sequence[Structure],
+    calculator: Any = "gfn2",
+    progress: bool = False,
+    skip_failed: bool = False,
+    desc: str = "labelling",
+) -> list[Structure]:
+    """Energies and forces from an ASE calculator (name or object, or a zero-arg factory) for every structure.
+
+    ``skip_failed`` drops structures the calculator fails on (an SCF that does not converge) instead of stopping;
+    ``progress`` shows a tqdm bar."""
     calc = (
         calculator()
         if callable(calculator) and not hasattr(calculator, "get_potential_energy")
         else resolve_calculator(calculator)
     )
+    from tqdm.auto import tqdm
+
     out = []
-    for k, s in enumerate(structures):
+    for k, s in enumerate(tqdm(structures, desc=desc, disable=not progress, mininterval=2.0)):
         atoms = s.to_atoms()
         atoms.calc = calc
         try:
             energy = float(atoms.get_potential_energy())
             forces = np.asarray(atoms.get_forces())
         except Exception as err:
+            if skip_failed:
+                print(f"[molecular.data] {s.source or s.id or k}: labelling failed ({err}); skipped", flush=True)
+                continue
             raise StructureError(f"{s.source or s.id or k}: labelling failed ({err})") from err
+        if not (np.isfinite(energy) and np.isfinite(forces).all()):
+            if skip_failed:
+                continue
+            raise StructureError(f"{s.source or s.id or k}: the calculator returned non-finite labels")
         out.append(replace(s, energy=energy, forces=forces))
     return out
+
+
+def label_to_file(
+    structures: Sequence[Structure],
+    path: str | os.PathLike,
+    calculator: Any = "gfn2",
+    chunk_size: int = 500,
+    progress: bool = True,
+    skip_failed: bool = True,
+    desc: str | None = None,
+) -> Path:
+    """Label ``structures`` once into the extxyz file ``path``, resumably.
+
+    Chunks of ``chunk_size`` structures are labelled into ``<path>.parts/partNNNNN.extxyz`` (each written to a
+    temporary name and renamed, so an interrupted run loses at most the chunk in progress); a rerun skips the
+    chunks already there, and the parts are joined into ``path`` (atomically) at the end. An existing ``path`` is
+    returned as is. The chunking assumes ``structures`` is deterministic (same seed, same list)."""
+    from .readers import read_structures, write_extxyz
+
+    path = Path(path)
+    if path.exists():
+        return path
+    parts = path.with_name(path.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(structures) + chunk_size - 1) // chunk_size
+    calc = resolve_calculator(calculator) if isinstance(calculator, str) else calculator
+    t0 = time.time()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(structures), desc=desc or f"labelling {path.name}", disable=not progress, mininterval=5.0)
+    for c in range(n_chunks):
+        chunk = structures[c * chunk_size : (c + 1) * chunk_size]
+        part = parts / f"part{c:05d}.extxyz"
+        if not part.exists():
+            labelled = label_structures(chunk, calc, skip_failed=skip_failed)
+            write_extxyz(labelled, part)
+        bar.update(len(chunk))
+    bar.close()
+    out: list[Structure] = []
+    for c in range(n_chunks):
+        out.extend(read_structures(parts / f"part{c:05d}.extxyz"))
+    write_extxyz(out, path)
+    for c in range(n_chunks):
+        (parts / f"part{c:05d}.extxyz").unlink()
+    parts.rmdir()
+    print(
+        f"[molecular.data] labelled {len(out)}/{len(structures)} structures into {path} in {time.time() - t0:.0f} s",
+        flush=True,
+    )
+    return path
 
 
 def fit_atomic_energies(structures: Sequence[Structure], z_table: Sequence[int]) -> list[float]:

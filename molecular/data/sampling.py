@@ -6,11 +6,20 @@ MACE recipes make what they need when it is missing:
 
 - :func:`ensure_md_set`: a narrow rMD17-style MD set of one molecule (GFN2-xTB Langevin MD via ``tblite``);
 - :func:`ensure_broad_set`: a broad pre-training set over small organic molecules (QM9 from ``qm9pack`` when it
-  is installed, else rdkit-made conformers), with the narrow-set molecules held out.
+  is installed, else rdkit-made conformers), with the narrow-set molecules held out;
+- :func:`ensure_qm9_set`: the foundation set, QM9 molecules x normal-mode geometries (an MMFF94 Hessian, thermal
+  amplitudes) labelled with GFN2-xTB, resumable in chunks.
+
+The MD is resumable too: :func:`langevin_md` with ``checkpoint=`` saves positions, momenta, the random state and
+the frames so far to one ``.npz`` (written to a temporary name and renamed) every ``checkpoint_every`` frames, and a
+rerun continues from there; the trajectory is the same as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .labelling import label_structures, resolve_calculator
+from .labelling import label_structures, label_to_file, resolve_calculator
 from .readers import structures_from_smiles, write_extxyz
 from .structure import Structure
 
@@ -33,6 +42,9 @@ __all__ = [
     "qm9_structures",
     "broad_structures",
     "ensure_broad_set",
+    "mmff_hessian",
+    "qm9_normal_mode_structures",
+    "ensure_qm9_set",
     "generate_set",
 ]
 
@@ -56,24 +68,10 @@ def thermal_displacements(
     ]
 
 
-def normal_mode_samples(
-    structure: Structure,
-    num: int,
-    temperature: float = 300.0,
-    calculator: Any = "gfn2",
-    seed: int = 0,
-    delta: float = 0.005,
-    prefix: str | None = None,
-) -> list[Structure]:
-    """Normal-mode sampling: a finite-difference Hessian from ``calculator`` at ``structure`` (ideally a
-    minimum), then each mode's amplitude drawn so its harmonic energy is thermal: ``q_k ~ N(0, kT / w_k^2)``
-    in mass-weighted coordinates (translations, rotations and imaginary modes skipped)."""
-    from ase.data import atomic_masses
-    from ase.units import kB
-
-    calc = resolve_calculator(calculator)
+def _fd_hessian(structure: Structure, calculator: Any, delta: float) -> np.ndarray:
+    """A central finite-difference Hessian ``[3N, 3N]`` in eV/Å^2 from an ASE calculator's forces."""
     atoms = structure.to_atoms()
-    atoms.calc = calc
+    atoms.calc = resolve_calculator(calculator)
     n = len(structure)
     x0 = structure.positions.copy()
     hess = np.zeros((3 * n, 3 * n))
@@ -86,27 +84,109 @@ def normal_mode_samples(
                 atoms.set_positions(x)
                 fs.append(atoms.get_forces().reshape(-1))
             hess[3 * a + c] = -(fs[0] - fs[1]) / (2 * delta)  # d2E/dx2 = -dF/dx
-    hess = 0.5 * (hess + hess.T)
+    return 0.5 * (hess + hess.T)
+
+
+def mmff_hessian(structure: Structure, delta: float = 0.005) -> np.ndarray | None:
+    """The MMFF94 Hessian ``[3N, 3N]`` (eV/Å^2) by central differences of rdkit's analytic gradient (bonds
+    perceived from the geometry once); ``None`` when rdkit cannot type the molecule.
+
+    A force field is built for every gradient (0.3 ms): a second ``CalcGrad(pos)`` on one rdkit MMFF force field
+    returns a wrong gradient (rdkit 2025), which a test pins against finite differences of the calculator."""
+    from ase.units import kcal
+    from ase.units import mol as mol_unit
+    from rdkit.Chem import AllChem
+
+    from .labelling import MMFFCalculator
+
+    try:
+        mol = MMFFCalculator()._molecule(structure.to_atoms())
+        props = AllChem.MMFFGetMoleculeProperties(mol)
+        if props is None:
+            return None
+    except Exception:  # bond perception fails on unusual valences / charges
+        return None
+
+    def grad(x: np.ndarray) -> np.ndarray:
+        return np.asarray(AllChem.MMFFGetMoleculeForceField(mol, props).CalcGrad(x.tolist()))
+
+    x0 = structure.positions.reshape(-1)
+    hess = np.zeros((x0.size, x0.size))
+    for i in range(x0.size):
+        x = x0.copy()
+        x[i] += delta
+        gp = grad(x)
+        x[i] -= 2 * delta
+        hess[i] = (gp - grad(x)) / (2 * delta)
+    return 0.5 * (hess + hess.T) * (kcal / mol_unit)
+
+
+def _bond_graph(numbers: np.ndarray, positions: np.ndarray, factor: float = 1.25) -> np.ndarray:
+    from ase.data import covalent_radii
+
+    r = covalent_radii[numbers]
+    d = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    return (d < factor * (r[:, None] + r[None])) & ~np.eye(len(numbers), dtype=bool)
+
+
+def _sample_modes(
+    structure: Structure,
+    hess: np.ndarray,
+    temperatures: Sequence[float],
+    rng: np.random.Generator,
+    prefix: str,
+    check_bonds: bool = False,
+) -> list[Structure]:
+    from ase.data import atomic_masses
+    from ase.units import kB
+
+    n = len(structure)
+    x0 = structure.positions
     m = np.repeat(atomic_masses[structure.numbers], 3)
     w2, modes = np.linalg.eigh(hess / np.sqrt(m[:, None] * m[None, :]))  # eV / (Å^2 amu)
     keep = w2 > 1e-3 * max(w2.max(), 1e-12)  # drops the 6 near-zero rigid-body modes and imaginary ones
-    rng = np.random.default_rng(seed)
-    prefix = prefix or structure.id or "struct"
+    bonds = _bond_graph(structure.numbers, x0) if check_bonds else None
     out = []
-    for k in range(num):
-        q = rng.normal(0.0, 1.0, keep.sum()) * np.sqrt(kB * temperature / w2[keep])
-        dx = (modes[:, keep] @ q) / np.sqrt(m)
+    for k, temperature in enumerate(temperatures):
+        scale = 1.0
+        for attempt in range(8):
+            q = rng.normal(0.0, 1.0, keep.sum()) * np.sqrt(kB * temperature / w2[keep]) * scale
+            x = x0 + ((modes[:, keep] @ q) / np.sqrt(m)).reshape(n, 3)
+            # a soft torsion's harmonic amplitude can break or make bonds: redraw, then shrink the amplitude
+            if bonds is None or np.array_equal(_bond_graph(structure.numbers, x), bonds):
+                break
+            scale = 1.0 if attempt < 3 else 0.6 if attempt < 6 else 0.35
+        else:
+            continue
         out.append(
             replace(
                 structure,
-                positions=x0 + dx.reshape(n, 3),
+                positions=x,
                 energy=None,
                 forces=None,
                 id=f"{prefix}/nm{k}",
-                source=f"{structure.source}+nm{k}",
+                source=f"{structure.source}+nm{k}@{temperature:g}K",
             )
         )
     return out
+
+
+def normal_mode_samples(
+    structure: Structure,
+    num: int,
+    temperature: float = 300.0,
+    calculator: Any = "gfn2",
+    seed: int = 0,
+    delta: float = 0.005,
+    prefix: str | None = None,
+    hessian: np.ndarray | None = None,
+) -> list[Structure]:
+    """Normal-mode sampling: a finite-difference Hessian from ``calculator`` at ``structure`` (ideally a
+    minimum; or a given ``hessian`` in eV/Å^2), then each mode's amplitude drawn so its harmonic energy is thermal:
+    ``q_k ~ N(0, kT / w_k^2)`` in mass-weighted coordinates (translations, rotations and imaginary modes skipped)."""
+    hess = _fd_hessian(structure, calculator, delta) if hessian is None else hessian
+    prefix = prefix or structure.id or "struct"
+    return _sample_modes(structure, hess, [temperature] * num, np.random.default_rng(seed), prefix)
 
 
 def langevin_md(
@@ -119,11 +199,20 @@ def langevin_md(
     interval: int = 10,
     seed: int = 0,
     prefix: str | None = None,
+    equilibration_steps: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = False,
 ) -> list[Structure]:
-    """Short Langevin MD with ``calculator``; every ``interval`` steps a labelled frame is kept (rMD17-style)."""
+    """Langevin MD with ``calculator`` (ASE's Langevin, ``friction`` in 1/fs); after ``equilibration_steps``
+    discarded steps, every ``interval`` steps a labelled frame is kept (rMD17-style), ``num`` frames.
+
+    ``checkpoint`` (a ``.npz`` path) makes the run resumable: the state is saved every ``checkpoint_every`` frames
+    and a rerun with the same arguments continues from it (a different set of arguments refuses to resume)."""
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from tqdm.auto import tqdm
 
     atoms = structure.to_atoms()
     atoms.calc = resolve_calculator(calculator)
@@ -133,20 +222,71 @@ def langevin_md(
         atoms, timestep_fs * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng, fixcm=False
     )
     prefix = prefix or structure.id or "struct"
-    out = []
-    for k in range(num):
-        dyn.run(interval)
-        out.append(
-            replace(
-                structure,
-                positions=atoms.get_positions().copy(),
-                energy=float(atoms.get_potential_energy()),
-                forces=atoms.get_forces().copy(),
-                id=f"{prefix}/md{k}",
-                source=f"{structure.source}+md{k}",
-            )
+    n = len(structure)
+    calc_name = calculator if isinstance(calculator, str) else "calculator object"  # an object's repr has no identity
+    key = json.dumps(
+        [structure.numbers.tolist(), np.round(structure.positions, 6).tolist(), calc_name, temperature]
+        + [timestep_fs, friction, interval, seed, equilibration_steps]
+    )
+    key = hashlib.sha1(key.encode()).hexdigest()[:16]
+    pos = np.zeros((num, n, 3))
+    energy = np.zeros(num)
+    forces = np.zeros((num, n, 3))
+    done, equilibrated = 0, False
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        st = np.load(ckpt, allow_pickle=False)
+        if str(st["key"]) != key:
+            raise ValueError(f"{ckpt}: an MD checkpoint of other settings; delete it or choose another path")
+        done = min(int(st["done"]), num)
+        pos[:done], energy[:done], forces[:done] = st["pos"][:done], st["energy"][:done], st["forces"][:done]
+        atoms.set_positions(st["x"])
+        atoms.set_momenta(st["p"])
+        rng.set_state(("MT19937", st["rng_keys"], int(st["rng_pos"]), int(st["rng_gauss"]), float(st["rng_cached"])))
+        equilibrated = True
+    if not equilibrated and equilibration_steps > 0:
+        dyn.run(equilibration_steps)
+
+    def save(k: int) -> None:
+        _, keys, p, has_gauss, cached = rng.get_state()
+        tmp = ckpt.with_name(ckpt.name + f".{os.getpid()}.tmp.npz")
+        np.savez(
+            tmp,
+            key=key,
+            done=k,
+            pos=pos[:k],
+            energy=energy[:k],
+            forces=forces[:k],
+            x=atoms.get_positions(),
+            p=atoms.get_momenta(),
+            rng_keys=keys,
+            rng_pos=p,
+            rng_gauss=has_gauss,
+            rng_cached=cached,
         )
-    return out
+        os.replace(tmp, ckpt)
+
+    bar = tqdm(total=num, initial=done, desc=f"MD {prefix} {temperature:g} K", disable=not progress, mininterval=5.0)
+    for k in range(done, num):
+        dyn.run(interval)
+        pos[k] = atoms.get_positions()
+        energy[k] = atoms.get_potential_energy()
+        forces[k] = atoms.get_forces()
+        bar.update(1)
+        if ckpt is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == num):
+            save(k + 1)
+    bar.close()
+    return [
+        replace(
+            structure,
+            positions=pos[k].copy(),
+            energy=float(energy[k]),
+            forces=forces[k].copy(),
+            id=f"{prefix}/md{k}",
+            source=f"{structure.source}+md{k}",
+        )
+        for k in range(num)
+    ]
 
 
 NARROW = {  # rMD17's molecules, as SMILES
@@ -253,27 +393,43 @@ def ensure_md_set(
     temperature: float = 500.0,
     seed: int = 0,
     calculator: str = "gfn2",
+    timestep_fs: float = 0.5,
+    friction: float = 0.02,
+    equilibration_steps: int = 0,
+    progress: bool = True,
 ) -> Path:
-    """Write a GFN2-xTB Langevin-MD set of ``molecule`` to ``path`` unless it exists."""
+    """Write a GFN2-xTB Langevin-MD set of ``molecule`` to ``path`` unless it exists (resumable: the MD state is
+    checkpointed next to ``path`` as ``<path>.md.npz`` and removed once the file is written)."""
     path = Path(path)
     if path.exists():
         return path
     if molecule not in NARROW:
         raise ValueError(f"molecule {molecule!r}: use one of {sorted(NARROW)}")
     t0 = time.time()
-    _log(f"{path} missing: running {frames * interval} steps of {calculator} Langevin MD of {molecule} ...")
+    steps = equilibration_steps + frames * interval
+    _log(f"{path} missing: running {steps} steps of {calculator} Langevin MD of {molecule} at {temperature:g} K ...")
     start = structures_from_smiles([NARROW[molecule]], num_confs=1, seed=seed, names=[molecule])[0]
+    ckpt = path.with_name(path.name + ".md.npz")
     out = langevin_md(
         start,
         frames,
         calculator=calculator,
         temperature=temperature,
-        timestep_fs=0.5,
+        timestep_fs=timestep_fs,
+        friction=friction,
         interval=interval,
         seed=seed,
-        prefix=molecule,
+        prefix=f"{molecule}_{temperature:g}K_s{seed}",
+        equilibration_steps=equilibration_steps,
+        checkpoint=ckpt,
+        progress=progress,
     )
-    write_extxyz(out, path)
+    info = [
+        {"temperature_K": temperature, "time_fs": (equilibration_steps + (k + 1) * interval) * timestep_fs}
+        for k in range(len(out))
+    ]
+    write_extxyz(out, path, info=info)
+    ckpt.unlink(missing_ok=True)
     _log(f"wrote {len(out)} frames to {path} in {time.time() - t0:.0f} s")
     return path
 
@@ -343,9 +499,66 @@ def ensure_broad_set(
     return path
 
 
+def qm9_normal_mode_structures(
+    num_molecules: int,
+    temperatures: Sequence[float] = (300.0, 450.0, 600.0),
+    seed: int = 0,
+    exclude: Sequence[str] = tuple(NARROW.values()),
+    progress: bool = True,
+) -> list[Structure]:
+    """Unlabelled QM9 geometries for a foundation set: ``num_molecules`` QM9 molecules (``exclude`` held out) x
+    one normal-mode sample per temperature in ``temperatures``.
+
+    The modes come from an MMFF94 Hessian at the QM9 (B3LYP) geometry: a GFN2-xTB finite-difference Hessian costs
+    6N calls per molecule (about 3 s for 18 atoms here, 4 h for 5,000 molecules), MMFF94's about 20 ms, and only the
+    geometries need to be thermal; the labels are GFN2-xTB's. A sample whose bond graph changes (a soft mode's
+    harmonic amplitude is too large) is redrawn; molecules rdkit cannot type get Gaussian displacements (0.04 Å)."""
+    from tqdm.auto import tqdm
+
+    base = qm9_structures(num_molecules, seed, exclude=exclude)
+    if base is None:
+        raise ImportError("the QM9 foundation set needs qm9pack: pip install -c constraints.txt qm9pack")
+    out: list[Structure] = []
+    rng = np.random.default_rng(seed)
+    for s in tqdm(base, desc="QM9 normal modes", disable=not progress, mininterval=5.0):
+        hess = mmff_hessian(s)
+        if hess is None:
+            disp = thermal_displacements(s, len(temperatures), sigma=0.04, seed=int(rng.integers(1 << 31)))
+            out.extend(disp)
+            continue
+        out.extend(_sample_modes(s, hess, temperatures, rng, prefix=s.id, check_bonds=True))
+    return out
+
+
+def ensure_qm9_set(
+    path: str | Path,
+    num_molecules: int = 5000,
+    temperatures: Sequence[float] = (300.0, 450.0, 600.0),
+    seed: int = 0,
+    calculator: str = "gfn2",
+    chunk_size: int = 500,
+    progress: bool = True,
+) -> Path:
+    """Write the QM9 normal-mode foundation set (:func:`qm9_normal_mode_structures`, GFN2-xTB labels) to ``path``
+    unless it exists; labelling is resumable in chunks (:func:`~molecular.data.labelling.label_to_file`)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    t0 = time.time()
+    _log(f"{path} missing: {num_molecules} QM9 molecules x {len(temperatures)} normal-mode geometries, {calculator}")
+    frames = qm9_normal_mode_structures(num_molecules, temperatures, seed, progress=progress)
+    label_to_file(frames, path, calculator=calculator, chunk_size=chunk_size, progress=progress)
+    _log(f"{path} done in {time.time() - t0:.0f} s")
+    return path
+
+
 def generate_set(path: str | Path, kind: str = "md", **kwargs: Any) -> Path:
-    """Make a missing labelled file: ``kind="md"`` (:func:`ensure_md_set`, one molecule's Langevin MD) or
-    ``kind="broad"`` (:func:`ensure_broad_set`, many small molecules); ``kwargs`` go to that function."""
-    if kind not in ("md", "broad"):
-        raise ValueError(f"data.generate.kind={kind!r}: use 'md' (one molecule's MD) or 'broad' (many molecules)")
-    return (ensure_md_set if kind == "md" else ensure_broad_set)(path, **kwargs)
+    """Make a missing labelled file: ``kind="md"`` (:func:`ensure_md_set`, one molecule's Langevin MD),
+    ``kind="broad"`` (:func:`ensure_broad_set`, many small molecules) or ``kind="qm9"`` (:func:`ensure_qm9_set`, QM9
+    normal-mode geometries); ``kwargs`` go to that function."""
+    makers = {"md": ensure_md_set, "broad": ensure_broad_set, "qm9": ensure_qm9_set}
+    if kind not in makers:
+        raise ValueError(
+            f"data.generate.kind={kind!r}: use 'md' (one molecule's MD), 'broad' or 'qm9' (many molecules)"
+        )
+    return makers[kind](path, **kwargs)
