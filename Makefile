@@ -27,6 +27,8 @@ test: setup
 # when its file exists; the teacher's features of the vision training set, precomputed once into shards; the vision
 # quick start; the molecular quick start (a few minutes each on a laptop CPU).
 TEACHER := data/vision/teacher_vit_digits.safetensors
+# where stage 3 writes the teacher features and stage 4 reads them (++: set whether or not the recipe has the key)
+VISION_FEATURES := ++task.teacher_cache_dir=data/cache/vision/teacher
 
 demo: setup
 	@echo "== stage 1: toy flow matching (unirep-train experiment=toy)"
@@ -34,9 +36,9 @@ demo: setup
 	@echo "== stage 2: vision teacher ($(TEACHER); made by unirep-train experiment=vision/teacher_mae if missing)"
 	@test -f $(TEACHER) && echo "$(TEACHER) exists: skipped" || $(BIN)/unirep-train experiment=vision/teacher_mae
 	@echo "== stage 3: teacher features of the vision training set (unirep-features experiment=vision/quickstart)"
-	$(BIN)/unirep-features experiment=vision/quickstart
+	$(BIN)/unirep-features experiment=vision/quickstart $(VISION_FEATURES)
 	@echo "== stage 4: vision quick start (unirep-train experiment=vision/quickstart)"
-	$(BIN)/unirep-train experiment=vision/quickstart
+	$(BIN)/unirep-train experiment=vision/quickstart $(VISION_FEATURES)
 	@echo "== stage 5: molecular quick start (unirep-train experiment=molecular/quickstart)"
 	$(BIN)/unirep-train experiment=molecular/quickstart
 
