@@ -1,207 +1,315 @@
-"""Benchmark: MACE vs MACE-REPA learning curves on a narrow set held out from the teacher, plus per-step cost.
+"""Learning curves: MACE vs MACE-REPA (two teachers) vs a fine-tuned foundation MACE on GFN2-xTB MD sets.
 
-For each number of training structures (default 25 / 100 / 400) and seed (default 3), the `mace` and `mace_repa`
-recipes train with the same model, steps and batch through the real trainer (``unirep.cli.run_train``) on the
-aspirin GFN2-xTB MD set (aspirin is not in QM9 and is held out of the teacher's broad pre-training set), and are
-evaluated on the same 100 held-out frames (the split is fixed by ``data.seed=0``; ``seed`` varies weights and data
-order). The teacher is the project's foundation MACE (``data/molecular/foundation_quick``, made if missing, as in
-the quick start). Per-step time of ``mace_repa`` relative to ``mace`` is measured in the same process, with the
-teacher-feature cache warm and with the teacher recomputed every step.
+Rows (``--rows``), each one recipe driven through hydra overrides and the real trainer (``unirep.cli.run_train``):
 
-    python scripts/bench_mace_repa.py                       # full (CPU: about 20-40 min on 2 cores)
-    python scripts/bench_mace_repa.py --sizes 25 100 --seeds 1 --steps 150     # a quick look
-    python scripts/bench_mace_repa.py --data data/molecular/md_ethanol_quick.extxyz --molecule ethanol \
-        --sizes 25 100 200 --seeds 2 --steps 200 --channels 16     # the quick start's ethanol set (held out too)
+- ``mace``: ``experiment=molecular/mace``;
+- ``mace_repa_best``: ``experiment=molecular/mace_repa teacher@task.teacher=molecular_<--best-teacher>`` (an
+  offline pretrained potential: ani, chgnet, diep, so3lr; choose the one the teacher table ranks first);
+- ``mace_repa_foundation``: ``experiment=molecular/mace_repa task.teacher.path=<--foundation>`` (the project's
+  foundation MACE, ``experiment=molecular/foundation`` exports it);
+- ``finetune``: ``experiment=molecular/mace model@task.model=molecular_mace_foundation task.model.path=<--foundation>``.
 
-Writes ``outputs/bench/mace_repa/results.json`` and ``learning_curve.png``. Reports whatever comes out.
+Data (``--molecule``): ``data/molecular/md_<molecule>.extxyz`` from ``scripts/make_molecular_data.py`` (ethanol:
+300 K + 500 K Langevin MD, aspirin: 500 K) is split once, seeded, into a pool and a held-out test file
+(``data/molecular/bench/<molecule>_{pool,test}.extxyz``; ``--n-test`` frames). Every run draws its validation frames
+(``--n-val``, the same for every run: ``data.seed=0``) and its ``N`` training frames from the pool; ``seed`` varies
+weights and data order. Early stopping under a fixed step budget: each run trains ``--steps`` optimiser steps
+(batch ``min(10, N)``), evaluates and checkpoints every ``--eval-every``; the checkpoint with the lowest validation
+force MAE is the run's model, and only it is evaluated on the test frames (energy MAE per structure and per atom,
+force-component MAE). The figure states the budget.
+
+Resumable in parts: each run writes ``runs/<row>_n<N>_s<seed>/result.json`` when it is done and is skipped on a
+rerun; an interrupted run resumes from its newest checkpoint (``trainer.resume=auto``). ``--rows``, ``--sizes`` and
+``--seeds`` select a part; ``--part`` names the documented ones (``--list-parts``), each sized to about 90 minutes
+on two free CPU cores. ``--report`` only aggregates: ``results.json`` (mean and std over seeds) and
+``learning_curve.png`` under ``--out``.
+
+    python scripts/bench_mace_repa.py --part ethanol-mace          # one part (see --list-parts)
+    python scripts/bench_mace_repa.py --molecule ethanol --rows mace mace_repa_best --sizes 25 250 --seeds 1 \
+        --steps 300 --eval-every 50 --set task.model.num_channels=32     # the reduced run of docs/molecular.md
+    python scripts/bench_mace_repa.py --molecule ethanol --report
+
+Extra hydra overrides for every run: ``--set key=value ...`` (model size, dtype, EMA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+ROWS = ("mace", "mace_repa_best", "mace_repa_foundation", "finetune")
+LABELS = {
+    "mace": "MACE",
+    "mace_repa_best": "MACE-REPA (offline teacher: {teacher})",
+    "mace_repa_foundation": "MACE-REPA (project foundation)",
+    "finetune": "fine-tuned foundation",
+}
+# parts of the full benchmark, each about 90 min on two free CPU cores at the default budget
+PARTS = {
+    "ethanol-mace": dict(molecule="ethanol", rows=["mace"], sizes=[25, 100, 250, 1000], seeds=3),
+    "ethanol-repa-best": dict(molecule="ethanol", rows=["mace_repa_best"], sizes=[25, 100, 250, 1000], seeds=3),
+    "ethanol-repa-foundation": dict(
+        molecule="ethanol", rows=["mace_repa_foundation"], sizes=[25, 100, 250, 1000], seeds=3
+    ),
+    "ethanol-finetune": dict(molecule="ethanol", rows=["finetune"], sizes=[25, 100, 250, 1000], seeds=3),
+    "aspirin": dict(molecule="aspirin", rows=list(ROWS), sizes=[25, 100, 250, 750], seeds=1),
+}
 
-def _overrides(args, recipe: str, n: int, seed: int, out: Path) -> list[str]:
+
+def prepare(src: Path, n_test: int, seed: int = 0) -> tuple[Path, Path]:
+    """Split ``src`` once into a pool and a held-out test file (seeded; written atomically)."""
+    from molecular.data import read_structures, split_indices, write_extxyz
+
+    folder = ROOT / "data" / "molecular" / "bench"
+    pool, test = folder / f"{src.stem}_pool{n_test}.extxyz", folder / f"{src.stem}_test{n_test}.extxyz"
+    if pool.exists() and test.exists():
+        return pool, test
+    if not src.exists():
+        raise SystemExit(f"{src} missing: run python scripts/make_molecular_data.py --sets {src.stem[3:]}")
+    frames = read_structures(src)
+    test_idx, pool_idx = split_indices(len(frames), sizes=[n_test, len(frames) - n_test], seed=seed)
+    write_extxyz([frames[i] for i in test_idx], test)
+    write_extxyz([frames[i] for i in pool_idx], pool)
+    print(f"{src.name}: {len(pool_idx)} pool + {len(test_idx)} test frames", flush=True)
+    return pool, test
+
+
+def overrides(args, row: str, n: int, seed: int, pool: Path, out: Path) -> list[str]:
+    recipe = "mace" if row in ("mace", "finetune") else "mace_repa"
     o = [
         f"experiment=molecular/{recipe}",
-        f"data.train={args.data}",
-        f"data.generate={{kind:md,molecule:{args.molecule},frames:{args.frames},interval:10}}",
-        "data.n_val=100",
+        f"data.train={pool}",
+        "data.generate=null",
+        f"data.n_val={args.n_val}",
         f"data.n_train={n}",
         "data.seed=0",
         f"seed={seed}",
         f"trainer.max_steps={args.steps}",
         f"trainer.batch_size={min(args.batch_size, n)}",
-        "trainer.eval_every=0",
-        f"trainer.ema_decay={args.ema_decay}",
-        f"trainer.ckpt_every={args.steps}",
+        f"trainer.eval_every={args.eval_every}",
+        f"trainer.ckpt_every={args.eval_every}",
+        f"trainer.keep_last={args.steps // args.eval_every + 2}",
         "trainer.progress=false",
         "trainer.tensorboard=false",
-        "trainer.resume=none",
+        "trainer.resume=auto",
         f"trainer.device={args.device}",
         f"out_dir={out}",
-        f"task.model.num_channels={args.channels}",
-        "task.model.dtype=float32",
     ]
-    if recipe == "mace_repa":
-        o += [
-            f"task.teacher.path={args.teacher}",
-            f"task.align_weight={args.align_weight}",
-            f"task.baseline_steps={args.baseline_steps}",
-        ]
-    return o
+    if row == "mace_repa_best":
+        o.append(f"teacher@task.teacher=molecular_{args.best_teacher}")
+    elif row == "mace_repa_foundation":
+        o.append(f"task.teacher.path={args.foundation}")
+    elif row == "finetune":
+        o += ["model@task.model=molecular_mace_foundation", f"task.model.path={args.foundation}"]
+    return o + list(args.set)
 
 
-def _step_times(args, n_steps: int = 20) -> dict[str, float]:
-    """Seconds per optimiser step (forward + backward + Adam) for mace, mace_repa (cache) and mace_repa (no cache)."""
-    from hydra.utils import instantiate
-
-    from unirep.cli import compose
-
-    out: dict[str, float] = {}
-    for label, recipe, cache in (
-        ("mace", "mace", True),
-        ("mace_repa_cached", "mace_repa", True),
-        ("mace_repa_uncached", "mace_repa", False),
-    ):
-        cfg = compose("train", _overrides(args, recipe, 100, 0, Path("/tmp/unused")))
-        torch.manual_seed(0)
-        data = instantiate(cfg.data, _convert_="object")
-        task = instantiate(cfg.task, _convert_="object")
-        if recipe == "mace_repa":
-            task.teacher_cache = cache
-        opt = torch.optim.Adam([p for p in task.parameters() if p.requires_grad], lr=0.01, amsgrad=True)
-        rng = np.random.default_rng(0)
-        batches = [
-            data.collate_fn([data.train[int(i)] for i in rng.choice(len(data.train), args.batch_size)])
-            for _ in range(n_steps + 3)
-        ]
-        if recipe == "mace_repa" and cache:  # warm the cache: the steady state of a fixed data set
-            for b in batches:
-                task.teacher.encode(b, ids=b.ids)
-        times = []
-        for k, b in enumerate(batches):
-            t0 = time.perf_counter()
-            res = task(b, k)
-            opt.zero_grad(set_to_none=True)
-            res["loss"].backward()
-            opt.step()
-            if k >= 3:  # the first steps include one-off set-up
-                times.append(time.perf_counter() - t0)
-        out[label] = float(np.median(times))
-    return out
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[25, 100, 400])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.99,
-        help="MACE's 0.99; lower it for runs of a few hundred steps (the EMA still holds ~0.99^steps of "
-        "the initial weights)",
-    )
-    p.add_argument("--channels", type=int, default=32)
-    p.add_argument("--align-weight", type=float, default=0.5)
-    p.add_argument("--baseline-steps", type=int, default=100)
-    p.add_argument("--frames", type=int, default=600)
-    p.add_argument("--data", default="data/molecular/md_aspirin.extxyz")
-    p.add_argument("--molecule", default="aspirin", help="molecule of the MD set made when --data is missing")
-    p.add_argument("--teacher", default="data/molecular/foundation_quick")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="outputs/bench/mace_repa")
-    args = p.parse_args()
+def test_errors(ckpt: Path, test: Path, max_frames: int | None = None) -> dict[str, float]:
+    """Energy and force errors of a checkpoint on the test frames, through the project's ASE calculator."""
+    from molecular.calculator import MACECalculator
+    from molecular.data import read_structures
 
-    import os
+    try:
+        calc = MACECalculator.from_checkpoint(ckpt, ema=True)
+    except (KeyError, ValueError, RuntimeError):  # a run without EMA weights
+        calc = MACECalculator.from_checkpoint(ckpt, ema=False)
+    frames = read_structures(test)[:max_frames]
+    de, de_atom, df = [], [], []
+    for s in frames:
+        atoms = s.to_atoms()
+        atoms.calc = calc
+        e, f = atoms.get_potential_energy(), atoms.get_forces()
+        de.append(e - s.energy)
+        de_atom.append((e - s.energy) / len(s))
+        df.append((f - s.forces).reshape(-1))
+    de, de_atom, df = np.array(de), np.array(de_atom), np.concatenate(df)
+    return {
+        "test/e_mae_meV": float(np.abs(de).mean() * 1000),
+        "test/e_mae_meV_atom": float(np.abs(de_atom).mean() * 1000),
+        "test/f_mae_meV_A": float(np.abs(df).mean() * 1000),
+        "test/f_rmse_meV_A": float(np.sqrt((df**2).mean()) * 1000),
+        "test/frames": len(frames),
+    }
 
-    os.chdir(ROOT)
+
+def best_checkpoint(run_dir: Path) -> tuple[int, float, list[dict]]:
+    """The evaluated step with the lowest validation force MAE (early stopping) and the validation curve."""
+    curve = []
+    for f in sorted(run_dir.glob("eval_step*.json")):
+        rec = json.loads(f.read_text())
+        m = rec["metrics"]
+        curve.append({"step": rec["step"], "val_f_mae": m["val/f_mae_meV_A"], "val_e_mae": m.get("val/e_mae_meV")})
+    if not curve:
+        raise RuntimeError(f"{run_dir}: no eval_step*.json: was trainer.eval_every 0?")
+    best = min(curve, key=lambda r: r["val_f_mae"])
+    return int(best["step"]), float(best["val_f_mae"]), curve
+
+
+def run_one(args, row: str, n: int, seed: int, pool: Path, test: Path, out: Path) -> dict | None:
     from unirep.cli import compose, run_train
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    runs = []
-    for n in args.sizes:
-        for seed in range(args.seeds):
-            for recipe in ("mace", "mace_repa"):
-                run_dir = out / "runs" / f"{recipe}_n{n}_s{seed}"
-                t0 = time.time()
-                result = run_train(compose("train", _overrides(args, recipe, n, seed, run_dir)))
-                ev = result["eval"]
-                row = {
-                    "recipe": recipe,
-                    "n_train": n,
-                    "seed": seed,
-                    "wall_s": time.time() - t0,
-                    "f_mae_meV_A": ev["val/f_mae_meV_A"],
-                    "e_mae_meV": ev["val/e_mae_meV"],
-                    "e_mae_meV_per_atom": ev["val/e_mae_meV_per_atom"],
-                }
-                row.update({k: v for k, v in ev.items() if k.startswith("align/")})
-                runs.append(row)
-                print(json.dumps(row), flush=True)
-
-    summary = {}
-    for recipe in ("mace", "mace_repa"):
-        for n in args.sizes:
-            rows = [r for r in runs if r["recipe"] == recipe and r["n_train"] == n]
-            f = np.array([r["f_mae_meV_A"] for r in rows])
-            e = np.array([r["e_mae_meV"] for r in rows])
-            summary[f"{recipe}/n{n}"] = {
-                "f_mae_meV_A_mean": float(f.mean()),
-                "f_mae_meV_A_std": float(f.std()),
-                "e_mae_meV_mean": float(e.mean()),
-                "e_mae_meV_std": float(e.std()),
-            }
-    timing = _step_times(args)
-    timing["repa_over_mace_cached"] = timing["mace_repa_cached"] / timing["mace"]
-    timing["repa_over_mace_uncached"] = timing["mace_repa_uncached"] / timing["mace"]
-    record = {
-        "args": vars(args),
-        "runs": runs,
-        "summary": summary,
-        "step_time_s": timing,
-        "torch_threads": torch.get_num_threads(),
-        "total_wall_s": time.time() - t_start,
+    run_dir = out / "runs" / f"{row}_n{n}_s{seed}"
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0, c0 = time.time(), _cpu_s()
+    cfg = compose("train", overrides(args, row, n, seed, pool, run_dir))
+    run_train(cfg)
+    train_wall, train_cpu = time.time() - t0, _cpu_s() - c0
+    step, val_f, curve = best_checkpoint(run_dir)
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    result = {
+        "row": row,
+        "n_train": n,
+        "seed": seed,
+        "molecule": args.molecule,
+        "teacher": args.best_teacher if row == "mace_repa_best" else ("foundation" if "foundation" in row else None),
+        "budget_steps": args.steps,
+        "batch_size": min(args.batch_size, n),
+        "best_step": step,
+        "val/f_mae_meV_A": val_f,
+        "val_curve": curve,
+        "train_wall_s": round(train_wall, 1),
+        "train_cpu_s": round(train_cpu, 1),
+        "overrides": overrides(args, row, n, seed, pool, run_dir),
+        **test_errors(ckpt, test, args.max_test),
     }
-    (out / "results.json").write_text(json.dumps(record, indent=1))
+    tmp = done.with_name("result.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, done)
+    print(
+        f"{row} N={n} seed={seed}: best step {step}, test F MAE {result['test/f_mae_meV_A']:.1f} meV/A, "
+        f"E MAE {result['test/e_mae_meV']:.1f} meV ({train_wall / 60:.1f} min)",
+        flush=True,
+    )
+    return result
 
+
+def report(out: Path, teacher: str) -> dict:
+    """Aggregate every finished run under ``out``: mean/std over seeds, the figure, the goal checks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for recipe, color in (("mace", "C0"), ("mace_repa", "C3")):
-        panels = ((axes[0], "f_mae_meV_A", "force MAE (meV/Å)"), (axes[1], "e_mae_meV", "energy MAE (meV)"))
-        for ax, key, label in panels:
-            m = [summary[f"{recipe}/n{n}"][f"{key}_mean"] for n in args.sizes]
-            s = [summary[f"{recipe}/n{n}"][f"{key}_std"] for n in args.sizes]
-            ax.errorbar(args.sizes, m, yerr=s, marker="o", color=color, label=recipe, capsize=3)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("training structures")
-            ax.set_ylabel(label)
-    axes[0].legend()
-    fig.suptitle(f"{Path(args.data).stem} (GFN2-xTB MD), {args.steps} steps, {args.seeds} seeds")
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/result.json"))]
+    if not runs:
+        raise SystemExit(f"{out}: no finished runs yet")
+    table: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        table.setdefault(r["row"], {}).setdefault(r["n_train"], []).append(r)
+    summary: dict = {"runs": len(runs), "rows": {}}
+    for row, by_n in table.items():
+        summary["rows"][row] = {}
+        for n, rs in sorted(by_n.items()):
+            entry = {"seeds": len(rs), "budget_steps": sorted({r["budget_steps"] for r in rs})}
+            for key in ("test/f_mae_meV_A", "test/e_mae_meV", "test/e_mae_meV_atom", "train_cpu_s", "best_step"):
+                v = np.array([r[key] for r in rs], dtype=float)
+                entry[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            summary["rows"][row][str(n)] = entry
+    mace = summary["rows"].get("mace", {})
+    if "1000" in mace:
+        m = mace["1000"]
+        summary["goal_mace_1000_le_12meV_in_60cpu_min"] = bool(
+            m["test/f_mae_meV_A"]["mean"] <= 12 and m["train_cpu_s"]["mean"] <= 3600
+        )
+    for row in ("mace_repa_best", "mace_repa_foundation"):
+        if "1000" in mace and "250" in summary["rows"].get(row, {}):
+            a, b = summary["rows"][row]["250"]["test/f_mae_meV_A"], mace["1000"]["test/f_mae_meV_A"]
+            summary[f"claim_{row}_250_as_good_as_mace_1000"] = bool(a["mean"] - a["std"] <= b["mean"] + b["std"])
+    budgets = sorted({r["budget_steps"] for r in runs})
+    molecule = runs[0]["molecule"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for row, by_n in summary["rows"].items():
+        ns = sorted(int(n) for n in by_n)
+        for ax, key in zip(axes, ("test/f_mae_meV_A", "test/e_mae_meV"), strict=True):
+            mean = [by_n[str(n)][key]["mean"] for n in ns]
+            std = [by_n[str(n)][key]["std"] for n in ns]
+            seeds = max(by_n[str(n)]["seeds"] for n in ns)
+            label = LABELS.get(row, row).format(teacher=teacher) + f" ({seeds} seed{'s' * (seeds > 1)})"
+            ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=label)
+    for ax, name in zip(axes, ("force MAE (meV/Å)", "energy MAE (meV)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training structures N")
+        ax.set_ylabel(f"test {name}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        f"{molecule}, GFN2-xTB MD: budget {budgets} steps, early stopping on validation force MAE "
+        f"(mean ± std over seeds)",
+        fontsize=9,
+    )
     fig.tight_layout()
-    fig.savefig(out / "learning_curve.png", dpi=110)
-    print(json.dumps({"summary": summary, "step_time_s": timing}, indent=1))
-    print(f"wrote {out / 'results.json'} and {out / 'learning_curve.png'} in {time.time() - t_start:.0f} s")
+    fig.savefig(out / "learning_curve.png", dpi=120)
+    plt.close(fig)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / "results.json")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=sorted(PARTS), help="a documented part of the full benchmark")
+    p.add_argument("--list-parts", action="store_true")
+    p.add_argument("--molecule", default="ethanol", choices=["ethanol", "aspirin"])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--sizes", type=int, nargs="+", default=[25, 100, 250, 1000])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..k-1")
+    p.add_argument("--steps", type=int, default=3000, help="the step budget of every run")
+    p.add_argument("--eval-every", type=int, default=250, help="validation (and checkpoint) interval")
+    p.add_argument("--batch-size", type=int, default=10, help="mace_run_train's 10 (N smaller: N)")
+    p.add_argument("--n-val", type=int, default=50)
+    p.add_argument("--data", default=None, help="the MD file (default data/molecular/md_<molecule>.extxyz)")
+    p.add_argument("--n-test", type=int, default=None, help="held-out test frames (ethanol 400, aspirin 200)")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first k test frames only")
+    p.add_argument("--best-teacher", default="ani", help="teacher group molecular_<name>: ani, chgnet, diep, so3lr")
+    p.add_argument("--foundation", default="data/molecular/foundation", help="the project foundation (export dir)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", nargs="*", default=[], help="extra hydra overrides for every run")
+    p.add_argument("--out", default=None, help="default outputs/bench/mace_repa_<molecule>")
+    p.add_argument("--report", action="store_true", help="only aggregate finished runs")
+    args = p.parse_args()
+    if args.list_parts:
+        for name, part in PARTS.items():
+            print(f"{name}: {part}")
+        return
+    if args.part:
+        part = PARTS[args.part]
+        args.molecule, args.rows, args.sizes, args.seeds = part["molecule"], part["rows"], part["sizes"], part["seeds"]
+    os.chdir(ROOT)
+    out = Path(args.out or f"outputs/bench/mace_repa_{args.molecule}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        n_test = args.n_test or (400 if args.molecule == "ethanol" else 200)
+        src = Path(args.data or f"data/molecular/md_{args.molecule}.extxyz")
+        pool, test = prepare(ROOT / src if not src.is_absolute() else src, n_test)
+        for n in args.sizes:
+            for seed in range(args.seeds):
+                for row in args.rows:
+                    run_one(args, row, n, seed, pool, test, out)
+    summary = report(out, args.best_teacher)
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
+    for row, by_n in summary["rows"].items():
+        for n, e in by_n.items():
+            f, en = e["test/f_mae_meV_A"], e["test/e_mae_meV"]
+            print(f"{row:22s} N={n:>5s}: F {f['mean']:7.2f} ± {f['std']:5.2f} meV/A   E {en['mean']:7.2f} meV")
 
 
 if __name__ == "__main__":

@@ -141,12 +141,14 @@ def label_to_file(
     skip_failed: bool = True,
     desc: str | None = None,
 ) -> Path:
-    """Label ``structures`` once into the extxyz file ``path``, resumably.
+    """Label ``structures`` once into the extxyz file ``path``, resumably, by one or several processes.
 
     Chunks of ``chunk_size`` structures are labelled into ``<path>.parts/partNNNNN.extxyz`` (each written to a
     temporary name and renamed, so an interrupted run loses at most the chunk in progress); a rerun skips the
-    chunks already there, and the parts are joined into ``path`` (atomically) at the end. An existing ``path`` is
-    returned as is. The chunking assumes ``structures`` is deterministic (same seed, same list)."""
+    chunks already there. A process claims a chunk with a lock file (``partNNNNN.lock``, created exclusively, holding
+    its pid; a dead process's lock is taken over), so several processes started on the same list share the work;
+    the one that finds every chunk done joins them into ``path`` (atomically). An existing ``path`` is returned as
+    is. The chunking assumes ``structures`` is deterministic (same seed, same list) in every process."""
     from .readers import read_structures, write_extxyz
 
     path = Path(path)
@@ -159,22 +161,59 @@ def label_to_file(
     t0 = time.time()
     from tqdm.auto import tqdm
 
+    def claim(lock: Path) -> bool:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)  # the holder is alive: its chunk
+                return False
+            except (ProcessLookupError, ValueError):  # a dead holder's (or a half-written) lock: take it over
+                lock.write_text(str(os.getpid()))
+                return True
+            except (PermissionError, FileNotFoundError):
+                return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+
     bar = tqdm(total=len(structures), desc=desc or f"labelling {path.name}", disable=not progress, mininterval=5.0)
     for c in range(n_chunks):
         chunk = structures[c * chunk_size : (c + 1) * chunk_size]
-        part = parts / f"part{c:05d}.extxyz"
-        if not part.exists():
-            labelled = label_structures(chunk, calc, skip_failed=skip_failed)
-            write_extxyz(labelled, part)
+        part, lock = parts / f"part{c:05d}.extxyz", parts / f"part{c:05d}.lock"
+        if not part.exists() and claim(lock):
+            try:
+                if not part.exists():
+                    write_extxyz(label_structures(chunk, calc, skip_failed=skip_failed), part)
+            finally:
+                lock.unlink(missing_ok=True)
         bar.update(len(chunk))
     bar.close()
+    names = [parts / f"part{c:05d}.extxyz" for c in range(n_chunks)]
+    while not all(p.exists() for p in names):  # other processes are finishing their chunks
+        if path.exists():
+            return path
+        if not any(parts.glob("*.lock")):
+            raise RuntimeError(f"{parts}: chunks missing and no process labels them; rerun to finish")
+        time.sleep(10)
+    if path.exists():
+        return path
     out: list[Structure] = []
-    for c in range(n_chunks):
-        out.extend(read_structures(parts / f"part{c:05d}.extxyz"))
+    try:
+        for p in names:
+            out.extend(read_structures(p))
+    except FileNotFoundError:  # another process joined them first
+        if path.exists():
+            return path
+        raise
     write_extxyz(out, path)
-    for c in range(n_chunks):
-        (parts / f"part{c:05d}.extxyz").unlink()
-    parts.rmdir()
+    for p in names:
+        p.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:  # a straggler's lock or temporary file
+        pass
     print(
         f"[molecular.data] labelled {len(out)}/{len(structures)} structures into {path} in {time.time() - t0:.0f} s",
         flush=True,

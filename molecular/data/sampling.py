@@ -88,11 +88,12 @@ def _fd_hessian(structure: Structure, calculator: Any, delta: float) -> np.ndarr
 
 
 def mmff_hessian(structure: Structure, delta: float = 0.005) -> np.ndarray | None:
-    """The MMFF94 Hessian ``[3N, 3N]`` (eV/Å^2) by central differences of rdkit's analytic gradient (bonds
-    perceived from the geometry once); ``None`` when rdkit cannot type the molecule.
+    """The MMFF94 Hessian ``[3N, 3N]`` (eV/Å^2) by central differences of rdkit's analytic gradient, one force field
+    per molecule (bonds perceived from the geometry); ``None`` when rdkit cannot type the molecule.
 
-    A force field is built for every gradient (0.3 ms): a second ``CalcGrad(pos)`` on one rdkit MMFF force field
-    returns a wrong gradient (rdkit 2025), which a test pins against finite differences of the calculator."""
+    rdkit's ``CalcGrad(pos)`` alone reuses positions cached by the previous call for some terms (rdkit 2025: a second
+    call returns a wrong gradient); ``CalcEnergy(pos)`` first refreshes them. A test pins this against finite
+    differences of the calculator."""
     from ase.units import kcal
     from ase.units import mol as mol_unit
     from rdkit.Chem import AllChem
@@ -104,11 +105,14 @@ def mmff_hessian(structure: Structure, delta: float = 0.005) -> np.ndarray | Non
         props = AllChem.MMFFGetMoleculeProperties(mol)
         if props is None:
             return None
+        ff = AllChem.MMFFGetMoleculeForceField(mol, props)
     except Exception:  # bond perception fails on unusual valences / charges
         return None
 
     def grad(x: np.ndarray) -> np.ndarray:
-        return np.asarray(AllChem.MMFFGetMoleculeForceField(mol, props).CalcGrad(x.tolist()))
+        pos = x.tolist()
+        ff.CalcEnergy(pos)
+        return np.asarray(ff.CalcGrad(pos))
 
     x0 = structure.positions.reshape(-1)
     hess = np.zeros((x0.size, x0.size))
