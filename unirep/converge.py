@@ -318,6 +318,8 @@ class ConvergenceResult:
     per_model: list[dict[str, Any]] = field(default_factory=list)
     lower: set[str] = field(default_factory=set)
     asymmetric: set[str] = field(default_factory=set)
+    # item level: each model's (last layer's) anchor-space embedding [n, K] over the shared anchors (Li & Walsh)
+    anchor_embeddings: dict[str, Tensor] = field(default_factory=dict)
 
     def best(self) -> list[dict[str, Any]]:
         """Per (model pair, level, metric): the layer pair with the best value (platonic-rep's choice: the highest,
@@ -598,6 +600,10 @@ def compare(
             for key, parts in raw.items()
         }
         del raw
+        if level == "item" and shared[0] is not None and anchor_space > 0:
+            for f in features:
+                x = prepared[(f.name, len(f.layers) - 1)].parts[0][1]
+                result.anchor_embeddings[f.name] = M.anchor_embedding(x, shared[0][:anchor_space])
         extras = [
             {"anchors": shared[p][:anchor_space]} if shared[p] is not None else {} for p in range(n_parts)
         ]  # per part
@@ -872,6 +878,9 @@ def write_outputs(
         fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
         plt.close(fig)
 
+    if result.anchor_embeddings:
+        _anchor_space_figure(result.anchor_embeddings, families or {}, out_dir / "anchor_space.png")
+
     scored = [m for m in models if quality.get(m) is not None and math.isfinite(quality[m]) and m not in excluded]
     summary["quality"] = {m: quality[m] for m in scored}
     summary["quality_name"] = quality_name
@@ -919,6 +928,41 @@ def write_outputs(
             plt.close(fig)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _anchor_space_figure(emb: dict[str, Tensor], families: dict[str, str], path: Path) -> None:
+    """Li & Walsh's picture at this scale: every model's items in the one shared anchor space, projected on its two
+    principal axes (fitted on all models together). Left: coloured by model family; right: by item, so items that
+    land together across models show that the models agree."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(emb)
+    stacked = torch.cat([emb[m].double() for m in names])  # [models * n, K]
+    centred = stacked - stacked.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ v[:2].T).numpy()
+    n = emb[names[0]].shape[0]
+    fams = list(dict.fromkeys(families.get(m, m) for m in names))
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for k, m in enumerate(names):
+        pts = xy[k * n : (k + 1) * n]
+        fam = families.get(m, m)
+        first = names.index(next(x for x in names if families.get(x, x) == fam)) == k
+        axes[0].scatter(pts[:, 0], pts[:, 1], s=4, color=cmap(fams.index(fam) % 20), label=fam if first else None)
+        axes[1].scatter(pts[:, 0], pts[:, 1], s=4, c=range(n), cmap="hsv", vmin=0, vmax=n)
+    axes[0].legend(fontsize=6, markerscale=2, ncol=2)
+    axes[0].set_title(f"shared anchor space ({emb[names[0]].shape[1]} anchors): models", fontsize=8)
+    axes[1].set_title("the same points coloured by item", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("PC 1", fontsize=7)
+        ax.set_ylabel("PC 2", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def ood_shift(summary_id: dict[str, Any], summary_ood: dict[str, Any], out_dir: Path) -> dict[str, Any]:

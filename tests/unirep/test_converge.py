@@ -426,6 +426,9 @@ def test_new_metrics_nulls_and_floors_through_the_command(tmp_path):
     for metric in ("cka", *NEW_METRICS):
         assert (tmp_path / "out" / f"heatmap_{metric}.png").exists()
     assert s["calibration"]["cka"]["item"]["pairs"] == 3
+    # Li & Walsh's picture: every model's items in the shared anchor space
+    assert (tmp_path / "out" / "anchor_space.png").exists()
+    assert res.anchor_embeddings["a"].shape == (_N_ITEMS, 10)
     ids = {(r["model"], r["layer"], r["level"]): r["value"] for r in res.per_model}
     assert ids[("a", "l2", "item")] == pytest.approx(M.twonn_dimension(pa))
     assert set(s["intrinsic_dimension"]["item"]) == {"a", "b", "r"}
