@@ -59,8 +59,8 @@ def train_curves(args: argparse.Namespace) -> dict:
             ]
             if args.ema_decay:
                 overrides.append(f"trainer.ema_decay={args.ema_decay}")
-            if recipe == "haste":
-                overrides.append(f"task.align_stop_step={args.haste_stop or args.steps // 3}")
+            if recipe == "haste":  # REPA's stop; the attention term follows it (configs/experiment/vision/haste.yaml)
+                overrides.append(f"task.align.repa.schedule.stop_step={args.haste_stop or args.steps // 3}")
             start = time.time()
             run_train(_compose(recipe, overrides))
             wall = time.time() - start
