@@ -1,24 +1,36 @@
-"""Equivariant flows for molecules: the EGNN velocity network, priors, conformer flow and latent flow tasks."""
+"""Equivariant flows for molecules: velocity networks (EGNN, equivariant transformer), priors, ET-Flow's path,
+the conformer flow task and the GeoLDM-style latent flow."""
 
 from .egnn import EGNNLayer, EquivariantVelocityNet, egnn_base, egnn_small, egnn_tiny, full_edges, remove_mean
-from .latent import LatentFlowTask, load_tokenizer
+from .et import EquivariantTransformer, et_base, et_small, et_tiny
+from .latent import LatentFlowTask, load_vae
+from .paths import ConformerPath, batchwise_l2_loss, bridge_std, kabsch_align, kabsch_rotations
 from .prior import GaussianPrior, HarmonicPrior, bond_laplacian
-from .task import ConformerFlowTask, evaluate_conformers, teacher_tokens
+from .task import ConformerFlowTask, evaluate_conformers, records_from_smiles
 
 __all__ = [
     "ConformerFlowTask",
+    "ConformerPath",
     "EGNNLayer",
+    "EquivariantTransformer",
     "EquivariantVelocityNet",
     "GaussianPrior",
     "HarmonicPrior",
     "LatentFlowTask",
+    "batchwise_l2_loss",
     "bond_laplacian",
+    "bridge_std",
     "egnn_base",
     "egnn_small",
     "egnn_tiny",
+    "et_base",
+    "et_small",
+    "et_tiny",
     "evaluate_conformers",
     "full_edges",
-    "load_tokenizer",
+    "kabsch_align",
+    "kabsch_rotations",
+    "load_vae",
+    "records_from_smiles",
     "remove_mean",
-    "teacher_tokens",
 ]

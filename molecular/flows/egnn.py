@@ -22,10 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from molecular.conformers.data import NUM_ATOM_FEATURES, NUM_BOND_TYPES
+from unirep.intermediates import feature_take_indices, normalize_index
 from unirep.nn import timestep_embedding
-from unirep.tokens import segment_mean, segment_sum
+from unirep.tokens import TokenSet, segment_mean, segment_sum
 
-__all__ = ["EGNNLayer", "EquivariantVelocityNet", "full_edges", "remove_mean"]
+__all__ = ["EGNNLayer", "EquivariantVelocityNet", "full_edges", "per_atom_time", "remove_mean"]
 
 
 def remove_mean(x: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
@@ -102,6 +103,7 @@ class EquivariantVelocityNet(nn.Module):
 
     ``forward(batch, x_t, t, z_t=None)`` with ``x_t[T, 3]``, per-atom time ``t[T]`` (or per graph ``[B]``) and
     optional latents ``z_t[T, latent_dim]`` returns ``v_x[T, 3]`` (zero mean per graph) or ``(v_x, v_z)``.
+    ``forward_intermediates(batch, x_t, t, indices)`` also returns the node states (:mod:`unirep.intermediates`).
     """
 
     def __init__(
@@ -134,18 +136,26 @@ class EquivariantVelocityNet(nn.Module):
         """Width of the per-atom features returned by ``forward_intermediates``."""
         return self.hidden
 
+    def feature_dim(self, index: int) -> int:
+        """Width of hidden state ``index`` (every layer, and the embedding, have ``hidden`` channels)."""
+        normalize_index(index, self.num_layers, "EGNN")
+        return self.hidden
+
     def forward_intermediates(
-        self, batch, x_t: Tensor, t: Tensor, z_t: Tensor | None = None, indices: Sequence[int] = ()
-    ) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
-        """``(v_x[T, 3], v_z[T, L] | None, {i: h_i[T, H]})``; ``h_i`` is the node state after layer ``i`` (1-based,
-        0 = embedding)."""
+        self,
+        batch,
+        x_t: Tensor,
+        t: Tensor,
+        indices: int | Sequence[int] | None = None,
+        z_t: Tensor | None = None,
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], list[TokenSet]]:
+        """``(out, [TokenSet of h_k])`` in the shared convention (:mod:`unirep.intermediates`): ``out`` is what
+        :meth:`forward` returns; ``h_0`` is the embedded input, ``h_k`` the node state after layer ``k``, negative
+        indices count from the end, ``None`` returns all of ``0 .. L``. Node states are invariant ``[T, hidden]``."""
+        take = feature_take_indices(self.num_layers, indices, "EGNN")
         n = x_t.shape[0]
         bidx = batch.batch
-        if t.dim() == 0:
-            t = t.expand(n)
-        if t.shape[0] == batch.num_graphs and t.shape[0] != n:
-            t = t[bidx]  # per-graph time -> per-atom
-        t = t.reshape(n).to(x_t.dtype)
+        t = per_atom_time(t, batch, n).to(x_t.dtype)
         if (z_t is None) != (self.latent_dim == 0):
             raise ValueError(f"latent_dim={self.latent_dim} but z_t {'missing' if z_t is None else 'given'}")
         feats = batch.atom_features.to(x_t.dtype)
@@ -157,18 +167,29 @@ class EquivariantVelocityNet(nn.Module):
         eattr = self.edge_embed(etype).to(x_t.dtype)
         x0 = remove_mean(x_t, bidx, batch.num_graphs)
         x = x0
-        feats_out = {0: h} if 0 in indices else {}
+        states = {0: h}
         for i, layer in enumerate(self.layers, start=1):
             h, x = layer(h, x, edges, eattr)
-            if i in indices:
-                feats_out[i] = h
+            if i in take:
+                states[i] = h
         v = remove_mean(x - x0, bidx, batch.num_graphs)
-        v_z = self.latent_head(h) if self.latent_dim else None
-        return v, v_z, feats_out
+        out = (v, self.latent_head(h)) if self.latent_dim else v
+        return out, [TokenSet(states[i], bidx, None, batch.num_graphs) for i in take]
 
     def forward(self, batch, x_t: Tensor, t: Tensor, z_t: Tensor | None = None):
-        v, v_z, _ = self.forward_intermediates(batch, x_t, t, z_t)
-        return v if v_z is None else (v, v_z)
+        """``v_x[T, 3]`` (zero mean per graph), or ``(v_x, v_z[T, latent_dim])`` with latents."""
+        out, _ = self.forward_intermediates(batch, x_t, t, [], z_t)
+        return out
+
+
+def per_atom_time(t: Tensor | float, batch, n: int) -> Tensor:
+    """A time given as a scalar, ``[1]``, per graph ``[B]`` or per atom ``[T]`` as one time per atom ``[T]``."""
+    t = torch.as_tensor(t, device=batch.batch.device)
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(1).expand(n)
+    if t.shape[0] == batch.num_graphs and t.shape[0] != n:
+        return t[batch.batch]  # per-graph time -> per-atom
+    return t.reshape(n)
 
 
 def egnn_tiny(

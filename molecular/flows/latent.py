@@ -1,135 +1,206 @@
-"""Equivariant latent flow: joint flow matching on coordinates and per-atom latents of the local autoencoder.
+"""GeoLDM-style latent flow: flow matching on the latents of an equivariant VAE, samples decoded to structures.
 
-GeoLDM (Xu et al. 2023, "Geometric Latent Diffusion Models for 3D Molecule Generation", ``MinkaiXu/GeoLDM``)
-diffuses a point cloud whose points carry equivariant coordinates and invariant latent features from an
-autoencoder; La-Proteina (NVIDIA 2025) does the same with per-residue latents next to explicit backbone
-coordinates ("partially latent" flow matching). Here the latents are the local autoencoder's per-atom codes
-(:mod:`molecular.tokenizers.local_ae`, frozen, normalised with its fitted statistics), the coordinates keep zero
-centre of mass, and one E(3)-equivariant network (:class:`EquivariantVelocityNet` with ``latent_dim > 0``) predicts
-both velocities: equivariant for coordinates, invariant for latents. The molecular graph stays the conditioning,
-as in the conformer task, so evaluation is the same COV/MAT protocol.
+GeoLDM (Xu et al. 2023, ``MinkaiXu/GeoLDM``) generates in the latent space of a VAE whose per-atom latent has an
+equivariant coordinate part ``z_x[N, 3]`` and an invariant feature part ``z_h[N, k]``
+(:class:`molecular.tokenizers.geoldm.EquivariantVAE`, frozen here). This task learns a flow on the joint state
+``[z_x, z_h]`` (``[T, 3 + k]``) with one E(3)-equivariant network (equivariant velocity for ``z_x``, invariant for
+``z_h``) through ``unirep.flow.FlowMatching.objective`` (one time per molecule, per-molecule mean loss); the prior is
+the task's coordinate prior for ``z_x`` (zero CoM; Kabsch-aligned to ``z_x`` when ``align_prior``) and N(0, I) for
+``z_h`` (normalised with statistics fitted on the first training batch). Sampling integrates the flow and **decodes**
+the final latents with the VAE decoder: coordinates always, atom types too for unconditional generation.
+
+- conditional (conformers; the VAE and the flow see the molecular graph): evaluated like the conformer flow, on the
+  decoded structures (COV/MAT, validity, chirality corrected post hoc);
+- unconditional (``conditional=False``; GeoLDM's task): :meth:`LatentFlowTask.sample_unconditional` draws atom
+  counts from the training histogram, decodes coordinates and atom types, perceives bonds and reports the share of
+  structures rdkit can sanitise.
+
+The previous ``latent_flow`` (the local autoencoder's codes as extra channels next to explicit coordinates, whose
+sampled latents were thrown away) is gone: it was a coordinate flow with an extra channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from unirep.flow import flow_matching_loss, interpolate, sample_time, shift_time
+from molecular.data import GraphBatch
+from unirep.flow import FlowMatching
 
-from ..tokenizers.local_ae import LocalAtomicAutoencoder
-from .egnn import EquivariantVelocityNet, remove_mean
+from ..tokenizers.geoldm import EquivariantVAE, load_vae, unconditional_view
+from .paths import kabsch_align
 from .task import ConformerFlowTask
 
-__all__ = ["LatentFlowTask", "load_tokenizer"]
-
-
-def load_tokenizer(
-    checkpoint: str | None, ema: bool = True, random_init: bool = False, latent_dim: int = 8
-) -> LocalAtomicAutoencoder:
-    """The autoencoder of a ``molecular/local_ae`` run (``unirep.train.load_task``; nothing is unpickled).
-
-    ``random_init=True`` (smoke runs only) returns an untrained ``local_ae_tiny`` with ``latent_dim`` channels instead.
-    """
-    if random_init:
-        from ..tokenizers.local_ae import local_ae_tiny
-
-        return local_ae_tiny(latent_dim=latent_dim)
-    from unirep.train import find_checkpoint, load_task
-
-    if checkpoint is None or find_checkpoint(checkpoint) is None:
-        raise FileNotFoundError(
-            f"no local autoencoder checkpoint at {checkpoint!r}: train one first with "
-            "`unirep-train experiment=molecular/local_ae` and pass task.tokenizer.checkpoint=<its out_dir>"
-        )
-    task, _ = load_task(checkpoint, ema=ema)
-    model = task.model
-    if not isinstance(model, LocalAtomicAutoencoder):
-        raise ValueError(
-            f"checkpoint {checkpoint!r} holds a {type(model).__name__}, not a LocalAtomicAutoencoder: "
-            "give the checkpoint of a molecular/local_ae run"
-        )
-    return model
+__all__ = ["LatentFlowTask", "load_vae"]
 
 
 class LatentFlowTask(ConformerFlowTask):
-    """Conformer flow with per-atom autoencoder latents flowing jointly with the coordinates.
+    """Flow on the frozen VAE's per-atom latents ``[z_x, z_h]``; samples go through the decoder.
 
     Args:
-        model: :class:`EquivariantVelocityNet` with ``latent_dim`` equal to the tokenizer's.
-        tokenizer: the frozen :class:`LocalAtomicAutoencoder` (a built part; :func:`load_tokenizer` in configs).
-        latent_weight: weight of the latent flow-matching loss.
-        other arguments: as :class:`ConformerFlowTask`.
+        model: velocity network with ``latent_dim`` equal to the VAE's (``num_atom_features=1`` when unconditional).
+        vae: the frozen :class:`EquivariantVAE` (:func:`load_vae` in configs).
+        other arguments: as :class:`ConformerFlowTask` (``bridge_noise`` and ``loss`` are not used: plain flow
+            matching on the latents).
     """
 
-    def __init__(
-        self, model: EquivariantVelocityNet, tokenizer: LocalAtomicAutoencoder, latent_weight: float = 1.0, **kwargs
-    ):
-        if kwargs.get("teacher") is not None:
-            raise ValueError("LatentFlowTask does not take a teacher: use molecular/conformer_repa for alignment")
+    def __init__(self, model: nn.Module, vae: EquivariantVAE, **kwargs):
+        if kwargs.get("teacher") is not None or kwargs.get("align"):
+            raise ValueError("LatentFlowTask takes no teacher or alignment: use molecular/conformer_repa for alignment")
+        kwargs["bridge_noise"] = 0.0  # plain flow matching on the latents (no bridge noise, FlowMatching's loss)
         super().__init__(model, **kwargs)
-        if tokenizer.latent_dim != model.latent_dim:
+        if getattr(model, "latent_dim", None) != vae.latent_dim:
             raise ValueError(
-                f"velocity network latent_dim={model.latent_dim} but the autoencoder's latent has "
-                f"{tokenizer.latent_dim} channels: set task.model.latent_dim={tokenizer.latent_dim}"
+                f"velocity network latent_dim={getattr(model, 'latent_dim', None)} but the VAE's invariant latent has "
+                f"{vae.latent_dim} channels: set task.model.latent_dim={vae.latent_dim}"
             )
-        tokenizer.requires_grad_(False)
-        tokenizer.eval()
-        self.tokenizer = tokenizer
-        self.latent_weight = latent_weight
-        # whether the tokenizer's latent statistics are set (fitted here on the first batch when they are not)
-        self.register_buffer(
-            "stats_ready", torch.tensor(bool((tokenizer.latent_std != 1).any() or (tokenizer.latent_mean != 0).any()))
-        )
+        vae.requires_grad_(False)
+        vae.eval()
+        self.vae = vae
+        self.flow = FlowMatching(self.path.flow.time_dist, self.path.flow.mean, self.path.flow.std, self.time_shift)
+        k = vae.latent_dim
+        self.register_buffer("z_mean", torch.zeros(k))
+        self.register_buffer("z_std", torch.ones(k))
+        self.register_buffer("stats_ready", torch.tensor(False))
+        self.register_buffer("atom_count_hist", torch.zeros(256))  # training atom counts (unconditional sampling)
 
     def train(self, mode: bool = True) -> LatentFlowTask:
         super().train(mode)
-        self.tokenizer.eval()  # frozen
+        self.vae.eval()  # frozen
         return self
+
+    def _view(self, batch):
+        return batch if self.vae.conditional else unconditional_view(batch)
 
     @torch.no_grad()
     def latents(self, batch) -> Tensor:
-        """Normalised per-atom latents of the clean structures ``[T, L]``."""
+        """``[z_x, (mu_h - mean) / std]`` of the clean structures ``[T, 3 + k]`` (noiseless encoder means)."""
+        z_x, mu, _ = self.vae.encode(batch)
         if not bool(self.stats_ready):
-            self.tokenizer.fit_statistics([batch])
+            self.z_mean.copy_(mu.mean(0))
+            self.z_std.copy_(mu.std(0).clamp_min(1e-3))
             self.stats_ready.fill_(True)
-        return self.tokenizer.encode(batch).to(batch.positions.dtype)
+        return torch.cat([z_x, (mu - self.z_mean) / self.z_std], dim=1)
 
     def forward(self, batch, step: int = 0) -> dict[str, Tensor]:
         bidx, n_graphs = batch.batch, batch.num_graphs
-        x = remove_mean(batch.positions, bidx, n_graphs)
-        z = self.latents(batch)
-        eps = self.prior.sample(batch, dtype=x.dtype)
-        eps_z = torch.randn_like(z)
-        t = sample_time(n_graphs, self.time_dist, self.time_mean, self.time_std, device=x.device)
-        if self.time_shift != 1.0:
-            t = shift_time(t, self.time_shift)
-        t_atom = t[bidx]
-        v, v_z, _ = self.model.forward_intermediates(
-            batch, interpolate(x, eps, t_atom), t_atom, interpolate(z, eps_z, t_atom)
-        )
-        loss_x = flow_matching_loss(v, x, eps)
-        loss_z = flow_matching_loss(v_z, z, eps_z)
-        return {
-            "loss": loss_x + self.latent_weight * loss_z,
-            "loss/flow": loss_x.detach(),
-            "loss/latent": loss_z.detach(),
-        }
+        counts = torch.bincount(batch.num_atoms.clamp_max(255), minlength=256).to(self.atom_count_hist)
+        self.atom_count_hist += counts
+        s = self.latents(batch).to(batch.positions.dtype)
+        eps_x = self.prior.sample(batch, dtype=s.dtype)
+        if self.path.align_prior:
+            eps_x = kabsch_align(eps_x, s[:, :3], bidx, n_graphs)
+        eps = torch.cat([eps_x, torch.randn_like(s[:, 3:])], dim=1)
+        view = self._view(batch)
 
-    # joint state [T, 3 + L]: coordinates then latents
+        def model_fn(sample):
+            v, v_z = self.model(view, sample.x_t[:, :3], sample.t_in, sample.x_t[:, 3:])
+            return torch.cat([v, v_z], dim=1)
+
+        res = self.flow.objective(s, model_fn, eps=eps, batch=bidx, num_items=n_graphs)
+        k = 3
+        with torch.no_grad():
+            err = (res.pred - res.sample.target) ** 2
+            logs = {"loss/coord_latent": err[:, :k].mean(), "loss/feature_latent": err[:, k:].mean()}
+        return {"loss": res.loss, "loss/flow": res.loss.detach(), **logs}
+
+    # joint state [T, 3 + k]: coordinate latent then feature latent
     def _initial_state(self, batch, generator: torch.Generator) -> Tensor:
         x1 = self.prior.sample(batch, generator=generator, dtype=torch.float32)
-        z1 = torch.randn(x1.shape[0], self.tokenizer.latent_dim, generator=generator).to(x1.device)
+        z1 = torch.randn(x1.shape[0], self.vae.latent_dim, generator=generator).to(x1.device)
         return torch.cat([x1, z1], dim=1)
 
     def _velocity_fn(self, batch) -> Callable[[Tensor, Tensor], Tensor]:
+        view = self._view(batch)
+
         def fn(s: Tensor, t: Tensor) -> Tensor:
-            v, v_z = self.model(batch, s[:, :3], t, s[:, 3:])
+            v, v_z = self.model(view, s[:, :3], t, s[:, 3:])
             return torch.cat([v, v_z], dim=1)
 
         return fn
 
+    def decode(self, batch, state: Tensor) -> tuple[Tensor, Tensor]:
+        """The VAE decoder on a sampled latent state: ``(x[T, 3], type_logits[T, num_types])``."""
+        z_h = state[:, 3:] * self.z_std + self.z_mean
+        return self.vae.decode(batch, state[:, :3].contiguous(), z_h)
+
+    def _decode(self, batch, state: Tensor) -> Tensor:
+        return self.decode(batch, state)[0]
+
+    @torch.no_grad()
+    def sample_unconditional(
+        self, out_dir: str | Path, num: int, seed: int, steps: int | None = None, num_atoms: Sequence[int] | None = None
+    ) -> dict:
+        """GeoLDM's unconditional generation: atom counts, latents, decoded coordinates and atom types.
+
+        Writes ``unconditional.extxyz`` and returns the share of structures whose perceived bonds sanitise in rdkit.
+        """
+        from ase import Atoms
+        from ase.io import write
+        from rdkit import Chem, RDLogger
+        from rdkit.Chem import rdDetermineBonds
+
+        from molecular.conformers.generate import SUPPORTED_ELEMENTS
+
+        if self.vae.conditional:
+            raise ValueError("unconditional sampling needs an unconditional VAE (task.vae.conditional=false)")
+        gen = torch.Generator().manual_seed(int(seed))
+        if num_atoms is None:
+            hist = self.atom_count_hist.double()
+            if hist.sum() == 0:
+                raise ValueError("no training atom counts recorded: pass num_atoms=[...]")
+            num_atoms = torch.multinomial(hist / hist.sum(), num, replacement=True, generator=gen).tolist()
+        counts = torch.tensor(list(num_atoms))
+        device = next(self.model.parameters()).device
+        n = int(counts.sum())
+        bidx = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        batch = GraphBatch(
+            numbers=torch.ones(n, dtype=torch.long),
+            positions=torch.zeros(n, 3),
+            batch=bidx,
+            ptr=ptr,
+            atom_features=torch.ones(n, 1),
+            bond_index=torch.zeros(2, 0, dtype=torch.long),
+            bond_types=torch.zeros(0, dtype=torch.long),
+        ).to(device)
+        s1 = self._initial_state(batch, gen).to(device)
+        state = self._integrate(batch, s1, self.sample_steps if steps is None else steps, self.sampler, gen)
+        x, logits = self.decode(batch, state)
+        x, types = x.cpu().double().numpy(), logits.argmax(-1).cpu().numpy()
+        frames, valid = [], []
+        table = Chem.GetPeriodicTable()
+        RDLogger.DisableLog("rdApp.*")
+        for g in range(len(counts)):
+            a, b = int(ptr[g]), int(ptr[g + 1])
+            numbers = [table.GetAtomicNumber(SUPPORTED_ELEMENTS[int(k)]) for k in types[a:b]]
+            frames.append(Atoms(numbers=numbers, positions=x[a:b]))
+            rw = Chem.RWMol()
+            for z in numbers:
+                rw.AddAtom(Chem.Atom(z))
+            conf = Chem.Conformer(len(numbers))
+            for i, p in enumerate(x[a:b]):
+                conf.SetAtomPosition(i, p.tolist())
+            mol = rw.GetMol()
+            mol.AddConformer(conf)
+            try:
+                rdDetermineBonds.DetermineBonds(mol)
+                Chem.SanitizeMol(mol)
+                valid.append(len(Chem.GetMolFrags(mol)) == 1)
+            except Exception:  # no bond-order assignment exists: not a molecule
+                valid.append(False)
+        RDLogger.EnableLog("rdApp.*")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write(out_dir / "unconditional.extxyz", frames, format="extxyz")
+        res = {"num_structures": len(frames), "valid_molecule": float(np.mean(valid)), "num_atoms": counts.tolist()}
+        (out_dir / "unconditional.json").write_text(json.dumps(res, indent=1))
+        return res
+
     def extra_repr(self) -> str:
-        return f"latent_dim={self.tokenizer.latent_dim}, latent_weight={self.latent_weight}"
+        return f"latent_dim={self.vae.latent_dim}, conditional={self.vae.conditional}"

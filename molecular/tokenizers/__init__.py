@@ -1,5 +1,6 @@
-"""Local all-atom autoencoder (SLAE-style tokenizer over molecules and protein fragments)."""
+"""Local all-atom autoencoder (SLAE-style tokenizer) and the GeoLDM-style equivariant VAE of the latent flow."""
 
+from .geoldm import EquivariantVAE, GeoVAETask, geo_vae_small, geo_vae_tiny, load_vae
 from .local_ae import (
     DEFAULT_Z_TABLE,
     LocalAtomicAutoencoder,
@@ -13,6 +14,11 @@ from .local_ae import (
 from .task import LocalAETask, reconstruction_metrics
 
 __all__ = [
+    "EquivariantVAE",
+    "GeoVAETask",
+    "geo_vae_small",
+    "geo_vae_tiny",
+    "load_vae",
     "LocalAETask",
     "reconstruction_metrics",
     "DEFAULT_Z_TABLE",

@@ -162,3 +162,51 @@ def test_etkdg_conformers_differ_for_seed_zero():
 
     m = etkdg_conformers(mol_from_smiles("CCCCO"), 4, seed=0, mmff=False)
     assert min(AllChem.GetConformerRMS(m, 0, i) for i in range(1, 4)) > 0.1
+
+
+# -- stereo ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def butan2ol():
+    """(S)-butan-2-ol: one stereocentre; four ETKDG conformers."""
+    return conformer_mols(etkdg_conformers(mol_from_smiles("C[C@H](O)CC"), 4, seed=2))
+
+
+def test_stereo_aware_validity_catches_a_flipped_centre_the_old_check_passed(butan2ol):
+    from molecular.conformers import keeps_stereo
+
+    ref = butan2ol[0]
+    mirror = with_coordinates(ref, -ref.GetConformer().GetPositions())
+    assert sanitises_to_same(ref) and keeps_stereo(ref)
+    assert sanitises_to_same(mirror, stereo=False)  # the old, stereo-blind check passes the enantiomer
+    assert not sanitises_to_same(mirror) and not keeps_stereo(mirror)
+    stats = validity_stats([ref, mirror])
+    assert stats["valid_graph"] == 1.0 and stats["valid_stereo"] == 0.5 and stats["valid_smiles"] == 0.5
+    # unspecified centres are not judged: either configuration of racemic butan-2-ol is valid
+    rac = with_coordinates(mol_from_smiles("CC(O)CC"), ref.GetConformer().GetPositions())
+    rac_mirror = with_coordinates(rac, -ref.GetConformer().GetPositions())
+    assert sanitises_to_same(rac) and sanitises_to_same(rac_mirror) and keeps_stereo(rac_mirror)
+    # E/Z double bonds are perceived from the coordinates too
+    trans = conformer_mols(etkdg_conformers(mol_from_smiles("C/C=C/C"), 1, seed=0))[0]
+    cis = mol_from_smiles("C/C=C\\C")
+    assert sanitises_to_same(trans)
+    assert not sanitises_to_same(with_coordinates(cis, trans.GetConformer().GetPositions()))
+
+
+def test_chirality_correction_flips_exactly_the_mirrored_samples(butan2ol):
+    from molecular.conformers import correct_chirality, keeps_stereo
+
+    template = butan2ol[0]
+    pos = np.stack([m.GetConformer().GetPositions() for m in butan2ol])  # [4, N, 3]
+    mirrored = np.array([False, True, True, False])
+    samples = np.where(mirrored[:, None, None], -pos, pos)
+    fixed, flipped = correct_chirality(template, samples)
+    assert (flipped == mirrored).all()
+    assert all(keeps_stereo(with_coordinates(template, p)) for p in fixed)
+    np.testing.assert_allclose(fixed[~mirrored], samples[~mirrored])  # untouched samples are unchanged
+    for k in np.flatnonzero(mirrored):  # a reflection: the conformer's shape is kept (RMSD 0 to the original)
+        assert best_rmsd(butan2ol[k], with_coordinates(template, fixed[k])) < 1e-6
+    # without a specified centre nothing is flipped
+    _, none = correct_chirality(mol_from_smiles("CC(O)CC"), samples)
+    assert not none.any()
