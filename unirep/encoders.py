@@ -135,6 +135,7 @@ class ShardStore:
         self.index_path = self.folder / "index.json"
         self.items: dict[str, str] = {}
         self._handles: dict[str, Any] = {}
+        self._keys: dict[str, set[str]] = {}
         if self.index_path.is_file():
             try:
                 index = json.loads(self.index_path.read_text())
@@ -158,7 +159,7 @@ class ShardStore:
             path = self.folder / shard
             try:
                 handle = safe_open(str(path), framework="pt", device="cpu")
-                handle.keys()
+                self._keys[shard] = set(handle.keys())  # keys() lists the whole shard: once, not per item
             except Exception as err:
                 raise RuntimeError(
                     f"teacher feature shard {path} is unreadable ({err}): delete it and {_fix_hint()}"
@@ -174,7 +175,7 @@ class ShardStore:
         handle = self._handle(shard)
         try:
             entry = {"x": handle.get_tensor(digest)}
-            if f"{digest}.pos" in handle.keys():
+            if f"{digest}.pos" in self._keys[shard]:
                 entry["pos"] = handle.get_tensor(f"{digest}.pos")
         except Exception as err:
             raise RuntimeError(
@@ -185,6 +186,7 @@ class ShardStore:
 
     def close(self) -> None:
         self._handles.clear()
+        self._keys.clear()
 
 
 def _entry_bytes(entry: Entry) -> int:
@@ -225,8 +227,9 @@ def _join_tokens(entries: Sequence[Entry]) -> TokenSet:
 class FrozenEncoder(nn.Module):
     """Wrap an encoder as a frozen teacher: eval mode, no gradients, a content-keyed feature cache.
 
-    Lookup order for each item: the in-memory LRU, then the precomputed shards under ``cache_dir``; the items found in
-    neither are computed by the teacher in one call and kept in memory only (a training step never writes files).
+    Lookup order for each item: the in-memory LRU, then the precomputed shards under ``cache_dir`` (a shard hit is
+    kept in the LRU too); the items found in neither are computed by the teacher in one call and kept in memory only
+    (a training step never writes files).
 
     Args:
         encoder: a module with ``encode(sample) -> TokenSet`` and ``dim``; may also have
@@ -340,6 +343,8 @@ class FrozenEncoder(nn.Module):
             e = self._mem_get(kind, d)
             if e is None and store is not None:
                 e = store.get(d)
+                if e is not None and self.max_memory_bytes > 0:  # later epochs read memory, not the shard
+                    self._mem_put(kind, d, e)
             out.append(e)
         return out
 
