@@ -16,11 +16,13 @@ Sets (``--sets``, any of):
 - ``ref_ethanol``, ``ref_aspirin``: the GFN2-xTB reference MD for the stability benchmark: 50 ps of Langevin MD at
   300 K (timestep 1 fs, a frame every 10 fs; ``ref_<mol>_300K.extxyz``), which is also a held-out 300 K test set.
 - ``qm9``: the foundation set ``qm9_nm.extxyz``: ``--qm9-molecules`` QM9 molecules (``qm9pack``; rMD17's molecules
-  held out) x one normal-mode geometry at each of ``--qm9-temperatures`` (300, 600 K; MMFF94 Hessian), GFN2 labels.
+  held out) x one normal-mode geometry at each of ``--qm9-temperatures`` (300, 600 K; MMFF94 Hessian), GFN2 labels;
+  split by molecule into ``qm9_nm_train.extxyz`` and ``qm9_nm_heldout.extxyz`` (``--qm9-held-out`` molecules).
 - ``broad``: the older broad set (QM9 or rdkit molecules + Gaussian displacements), ``broad.extxyz``.
 
-    python scripts/make_molecular_data.py --sets ethanol aspirin qm9        # training sets (about 45 min)
-    python scripts/make_molecular_data.py --sets ref_ethanol ref_aspirin    # reference MD (about 1 h)
+    python scripts/make_molecular_data.py --sets ethanol aspirin qm9        # training sets (~70 CPU-min)
+    python scripts/make_molecular_data.py --sets ref_ethanol ref_aspirin    # reference MD (~45 CPU-min)
+    python scripts/make_molecular_data.py --sets qm9 & python scripts/make_molecular_data.py --sets qm9  # 2 workers
     python scripts/make_molecular_data.py --sample        # the committed sample (< 1 MB, about a minute)
 """
 
@@ -43,7 +45,7 @@ from molecular.data import (  # noqa: E402
     read_structures,
     write_extxyz,
 )
-from molecular.data.sampling import ensure_qm9_set  # noqa: E402
+from molecular.data.sampling import ensure_qm9_set, split_by_molecule  # noqa: E402
 
 ETHANOL_SEEDS = {300.0: 0, 500.0: 1}
 SETS = ("ethanol", "aspirin", "ref_ethanol", "ref_aspirin", "qm9", "broad")
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=20, help="MD steps (0.5 fs) between kept training frames")
     p.add_argument("--ref-ps", type=float, default=50.0, help="length of the 300 K reference MD, ps")
     p.add_argument("--qm9-molecules", type=int, default=5000)
+    p.add_argument("--qm9-held-out", type=int, default=250, help="QM9 molecules held out (qm9_nm_heldout.extxyz)")
     p.add_argument("--broad", type=int, default=1500, help="molecules in the older broad set")
     p.add_argument("--displacements", type=int, default=2, help="thermal displacements per broad molecule")
     p.add_argument("--calculator", default="gfn2", choices=["gfn2", "gfn1", "mmff"])
@@ -190,25 +193,33 @@ def main() -> None:
             md_set(out, f"ref_{mol}_300K", mol, 300.0, frames, 10, 1.0, a.seed + 100, a.calculator)
         elif name == "qm9":
             path = out / "qm9_nm.extxyz"
-            if not path.exists():
-                ensure_qm9_set(
-                    path,
-                    num_molecules=a.qm9_molecules,
-                    temperatures=a.qm9_temperatures,
-                    seed=a.seed,
-                    calculator=a.calculator,
-                )
-                n = len(read_structures(path))
+            ensure_qm9_set(
+                path,
+                num_molecules=a.qm9_molecules,
+                temperatures=a.qm9_temperatures,
+                seed=a.seed,
+                calculator=a.calculator,
+            )
+            train, held = out / "qm9_nm_train.extxyz", out / "qm9_nm_heldout.extxyz"
+            if not (train.exists() and held.exists()):
+                split_by_molecule(path, train, held, a.qm9_held_out, a.seed)
                 _update_manifest(
                     out,
                     "qm9",
                     {
                         "file": path.name,
-                        "structures": n,
+                        "structures": len(read_structures(path)),
                         "molecules": a.qm9_molecules,
                         "origin": "qm9pack (QM9 B3LYP geometries), rMD17 molecules held out",
                         "geometries": f"one normal-mode sample per temperature {a.qm9_temperatures} K, MMFF94 Hessian",
                         "calculator": a.calculator,
+                        "split": {
+                            "train": train.name,
+                            "heldout": held.name,
+                            "held_out_molecules": a.qm9_held_out,
+                            "train_structures": len(read_structures(train)),
+                            "heldout_structures": len(read_structures(held)),
+                        },
                         "seconds": round(time.time() - t1),
                     },
                 )

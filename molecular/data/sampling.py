@@ -45,6 +45,7 @@ __all__ = [
     "mmff_hessian",
     "qm9_normal_mode_structures",
     "ensure_qm9_set",
+    "split_by_molecule",
     "generate_set",
 ]
 
@@ -394,7 +395,7 @@ def ensure_md_set(
     molecule: str = "ethanol",
     frames: int = 200,
     interval: int = 10,
-    temperature: float = 500.0,
+    temperature: float | Sequence[float] = 500.0,
     seed: int = 0,
     calculator: str = "gfn2",
     timestep_fs: float = 0.5,
@@ -403,12 +404,26 @@ def ensure_md_set(
     progress: bool = True,
 ) -> Path:
     """Write a GFN2-xTB Langevin-MD set of ``molecule`` to ``path`` unless it exists (resumable: the MD state is
-    checkpointed next to ``path`` as ``<path>.md.npz`` and removed once the file is written)."""
+    checkpointed next to ``path`` as ``<path>.md.npz`` and removed once the file is written).
+
+    Several temperatures make one trajectory each (``frames`` frames, seed ``seed + i`` for the i-th temperature),
+    written as ``<stem>_<T>K.extxyz`` beside ``path`` and joined into ``path``."""
+    from .readers import read_structures
+
     path = Path(path)
     if path.exists():
         return path
     if molecule not in NARROW:
         raise ValueError(f"molecule {molecule!r}: use one of {sorted(NARROW)}")
+    if not isinstance(temperature, (int, float)):
+        kw = dict(molecule=molecule, frames=frames, interval=interval, calculator=calculator, progress=progress)
+        kw.update(timestep_fs=timestep_fs, friction=friction, equilibration_steps=equilibration_steps)
+        parts = [
+            ensure_md_set(path.with_name(f"{path.stem}_{t:g}K{path.suffix}"), temperature=float(t), seed=seed + i, **kw)
+            for i, t in enumerate(temperature)
+        ]
+        write_extxyz([s for p in parts for s in read_structures(p)], path)
+        return path
     t0 = time.time()
     steps = equilibration_steps + frames * interval
     _log(f"{path} missing: running {steps} steps of {calculator} Langevin MD of {molecule} at {temperature:g} K ...")
@@ -534,19 +549,50 @@ def qm9_normal_mode_structures(
     return out
 
 
+def split_by_molecule(
+    src: str | Path, train_path: str | Path, val_path: str | Path, held_out_molecules: int, seed: int = 0
+) -> tuple[Path, Path]:
+    """Split a multi-molecule set into training and held-out files by molecule (ids ``<set>/<molecule>/<geometry>``):
+    every geometry of ``held_out_molecules`` seeded molecules goes to ``val_path``, so validation measures how a model
+    transfers to molecules it has not seen."""
+    from .readers import read_structures
+
+    frames = read_structures(src)
+    mol = ["/".join(f.id.split("/")[:2]) for f in frames]
+    names = sorted(set(mol))
+    if held_out_molecules >= len(names):
+        raise ValueError(f"{src}: {len(names)} molecules, cannot hold out {held_out_molecules}")
+    held = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:held_out_molecules]}
+    write_extxyz([f for f, m in zip(frames, mol, strict=True) if m in held], val_path)
+    write_extxyz([f for f, m in zip(frames, mol, strict=True) if m not in held], train_path)
+    return Path(train_path), Path(val_path)
+
+
 def ensure_qm9_set(
     path: str | Path,
     num_molecules: int = 5000,
-    temperatures: Sequence[float] = (300.0, 450.0, 600.0),
+    temperatures: Sequence[float] = (300.0, 600.0),
     seed: int = 0,
     calculator: str = "gfn2",
     chunk_size: int = 500,
     progress: bool = True,
+    full_path: str | Path | None = None,
+    val_path: str | Path | None = None,
+    held_out_molecules: int = 0,
 ) -> Path:
     """Write the QM9 normal-mode foundation set (:func:`qm9_normal_mode_structures`, GFN2-xTB labels) to ``path``
-    unless it exists; labelling is resumable in chunks (:func:`~molecular.data.labelling.label_to_file`)."""
+    unless it exists; labelling is resumable in chunks (:func:`~molecular.data.labelling.label_to_file`).
+
+    With ``held_out_molecules``, the whole set is made at ``full_path`` and split by molecule
+    (:func:`split_by_molecule`) into ``path`` (training) and ``val_path`` (held-out molecules)."""
     path = Path(path)
     if path.exists():
+        return path
+    if held_out_molecules:
+        if full_path is None or val_path is None:
+            raise ValueError("held_out_molecules needs full_path (the whole set) and val_path (the held-out file)")
+        ensure_qm9_set(full_path, num_molecules, temperatures, seed, calculator, chunk_size, progress)
+        split_by_molecule(full_path, path, val_path, held_out_molecules, seed)
         return path
     t0 = time.time()
     _log(f"{path} missing: {num_molecules} QM9 molecules x {len(temperatures)} normal-mode geometries, {calculator}")

@@ -109,3 +109,42 @@ def test_make_molecular_data_sets_flag(tmp_path):
     entry = json.loads((tmp_path / "manifest.json").read_text())["sets"]["md_aspirin"]
     assert entry["md"]["stride_fs"] == 1.0 and entry["md"]["temperature_K"] == 500.0
     assert not list(tmp_path.glob("*.npz"))  # the MD checkpoint is removed once the file is written
+
+
+def test_ensure_md_set_at_several_temperatures_joins_them(tmp_path):
+    from molecular.data import ensure_md_set
+
+    path = ensure_md_set(
+        tmp_path / "md_ethanol.extxyz", "ethanol", frames=2, interval=2, temperature=[300.0, 500.0], calculator="mmff"
+    )
+    frames = read_structures(path)
+    assert len(frames) == 4 and len({f.id for f in frames}) == 4
+    assert (tmp_path / "md_ethanol_300K.extxyz").exists() and (tmp_path / "md_ethanol_500K.extxyz").exists()
+    assert [f.id.split("/")[0] for f in frames] == ["ethanol_300K_s0"] * 2 + ["ethanol_500K_s1"] * 2
+
+
+def test_split_by_molecule_holds_out_whole_molecules(tmp_path):
+    from molecular.data import Structure, write_extxyz
+    from molecular.data.sampling import split_by_molecule
+
+    s = _ethanol()
+    frames = [
+        Structure(
+            s.numbers, s.positions + 0.01 * k, energy=-1.0, forces=np.zeros_like(s.positions), id=f"qm9/{m}/nm{k}"
+        )
+        for m in range(10)
+        for k in range(2)
+    ]
+    write_extxyz(frames, tmp_path / "all.extxyz")
+    tr, va = split_by_molecule(tmp_path / "all.extxyz", tmp_path / "tr.extxyz", tmp_path / "va.extxyz", 3, seed=0)
+    mol = lambda p: {"/".join(f.id.split("/")[:2]) for f in read_structures(p)}  # noqa: E731
+    assert len(mol(va)) == 3 and len(mol(tr)) == 7 and not mol(va) & mol(tr)
+    assert len(read_structures(va)) == 6
+
+
+@pytest.mark.parametrize("group", ["molecular_md_ethanol", "molecular_md_aspirin", "molecular_qm9_foundation"])
+def test_data_groups_compose(group):
+    from unirep.cli import compose
+
+    cfg = compose("train", ["experiment=molecular/mace", f"data={group}"])
+    assert cfg.data.train.startswith("data/molecular/") and cfg.data.generate.kind in ("md", "qm9")
