@@ -186,6 +186,22 @@ def run_nve(calc, start, ps: float, dt_fs: float, seed: int, ckpt: Path, max_str
     }
 
 
+def read_reference(path: Path, molecule: str) -> list:
+    """The reference frames: an extxyz file, or the ``.md.npz`` checkpoint of a reference MD still running (the
+    frames it has finished; the atom order is that of ``structures_from_smiles``)."""
+    from molecular.data import NARROW, Structure, read_structures, structures_from_smiles
+
+    if path.suffix != ".npz":
+        return read_structures(path)
+    st = np.load(path)
+    numbers = structures_from_smiles([NARROW[molecule]], num_confs=1, seed=0)[0].numbers
+    done = int(st["done"])
+    print(f"{path}: {done} finished reference frames (a partial reference)", flush=True)
+    return [
+        Structure(numbers, st["pos"][k], float(st["energy"][k]), st["forces"][k], id=f"ref/{k}") for k in range(done)
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--molecule", default="ethanol", choices=sorted(DIHEDRALS))
@@ -193,18 +209,20 @@ def main() -> None:
     p.add_argument("--nve-ps", type=float, default=10.0)
     p.add_argument("--nve-dt", type=float, default=0.5, help="fs")
     p.add_argument("--langevin-ps", type=float, default=50.0)
-    p.add_argument("--reference", default=None, help="default data/molecular/ref_<molecule>_300K.extxyz")
+    p.add_argument(
+        "--reference", default=None, help="default data/molecular/ref_<molecule>_300K.extxyz (or its .md.npz)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench/md_stability")
     p.add_argument("--report", action="store_true", help="only aggregate finished stages")
     a = p.parse_args()
     os.chdir(ROOT)
-    from molecular.data import langevin_md, read_structures
+    from molecular.data import langevin_md
 
     ref_path = Path(a.reference or f"data/molecular/ref_{a.molecule}_300K.extxyz")
     if not ref_path.exists():
         raise SystemExit(f"{ref_path} missing: python scripts/make_molecular_data.py --sets ref_{a.molecule}")
-    ref = read_structures(ref_path)
+    ref = read_reference(ref_path, a.molecule)
     start = ref[len(ref) // 2]
     x_ref = np.stack([s.positions for s in ref])
     pairs, kinds = bond_pairs(start.numbers, start.positions)
