@@ -203,3 +203,26 @@ def test_hydra_defaults_keep_the_training_run_folder():
     assert _hydra_defaults(["experiment=toy"]) == ["hydra.output_subdir=null", "hydra.job.name=features"]
     assert _hydra_defaults(["hydra.job.name=x", "hydra.output_subdir=y"]) == []
     assert os.path.basename(__file__) == "test_features.py"
+
+
+@pytest.mark.slow
+def test_vision_quickstart_end_to_end(tmp_path):
+    """compose -> unirep-features -> the task built again reads every training batch without running its teacher."""
+    from hydra.utils import instantiate
+    from torch.utils.data import default_collate
+
+    from unirep.cli import compose
+    from unirep.features import run_features
+    from unirep.train import seed_everything
+
+    smoke = list(compose("train", ["experiment=vision/quickstart"]).smoke)
+    overrides = ["experiment=vision/quickstart", *smoke, f"++task.teacher_cache_dir={tmp_path}", f"out_dir={tmp_path}"]
+    cfg = compose("train", [*overrides, "trainer.batch_size=256", "trainer.progress=false", "trainer.device=cpu"])
+    summary = run_features(cfg)
+    assert len(summary) == 1 and summary[0]["items"] == summary[0]["computed"] > 1000
+    seed_everything(int(cfg.seed))  # a new process: the same (random-init smoke) teacher, the same cache key
+    data, task = instantiate(cfg.data, _convert_="object"), instantiate(cfg.task, _convert_="object")
+    (target,), _ = find_teacher_targets(task)
+    batch = (data.collate_fn or default_collate)([data.train[i] for i in (5, 900, 17)])
+    task.teacher.encode(target.teacher_input(batch), layer=target.layer)
+    assert task.teacher.teacher_calls == 0 and task.teacher.item_hits == 3
