@@ -447,6 +447,8 @@ def test_trainer_defaults_live_in_the_dataclass():
     assert set(yaml.safe_load(default_yaml.read_text())) == {"defaults"}
     t = Trainer(NoisyRegression(), _data(), functools.partial(torch.optim.AdamW, lr=1e-3))
     assert t.cfg == TrainerConfig()
+    t = Trainer(NoisyRegression(), _data(), torch.optim.AdamW, trainer_cfg=TrainerConfig(max_steps=7), batch_size=4)
+    assert (t.cfg.max_steps, t.cfg.batch_size, t.cfg.keep_last) == (7, 4, TrainerConfig.keep_last)
     assert {"overwrite", "ema_warmup", "reset_ema", "max_weight_growth"} <= {
         f.name for f in dataclasses.fields(TrainerConfig)
     }

@@ -199,6 +199,7 @@ class Trainer:
         out_dir: where metrics, TensorBoard logs, checkpoints and evaluation outputs go (one run at a time: locked).
         config: the resolved run config stored in checkpoints (what :func:`~unirep.train.load_task` rebuilds from,
             and what a resumed run is compared with).
+        trainer_cfg: a :class:`unirep.config.TrainerConfig`; keyword ``options`` override its fields.
         **options: the fields of :class:`unirep.config.TrainerConfig`, which holds their defaults:
 
             max_steps, batch_size: optimiser steps in total (a resumed run continues up to it); global batch per step
@@ -231,11 +232,13 @@ class Trainer:
         seed: int = 0,
         out_dir: str | Path = "outputs/run",
         config: dict[str, Any] | None = None,
+        trainer_cfg: TrainerConfig | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(task, nn.Module) or not isinstance(getattr(task, "model", None), nn.Module):
             raise TypeError(f"Trainer: task must be an nn.Module with a .model submodule, got {type(task).__name__}")
-        self.cfg = trainer_config(options)
+        base = dataclasses.asdict(trainer_cfg) if trainer_cfg is not None else {}
+        self.cfg = trainer_config({**base, **options})
         self.task, self.data, self.optimizer_spec, self.scheduler_spec = task, data, optimizer, scheduler
         self.seed, self.out_dir, self.config = seed, Path(out_dir), config
         self.step = 0
@@ -649,8 +652,8 @@ class Trainer:
 
     def _emergency_checkpoint(self, err: BaseException) -> None:
         """After an exception: save the last complete step if the state is consistent, healthy and not saved yet."""
-        phase = getattr(self, "_phase", None)
-        if self.world > 1 or phase not in ("step", "done") or self.step in (self._start, self._saved_step):
+        phase = getattr(self, "_phase", None)  # None: setup had not finished, there is nothing to save
+        if phase not in ("step", "done") or self.world > 1 or self.step in (self._start, self._saved_step):
             return
         try:
             path = self.save(self.step, rng=self._rng_at_step if phase == "step" else rng_state())
