@@ -405,8 +405,18 @@ class FrozenEncoder(nn.Module):
         p = next(iter(self.encoder.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def normalize_layer(self, layer: int | None) -> int | None:
+        """``layer`` in ``0..L`` when the encoder says its ``num_layers`` (so ``-1`` and ``L`` share one store)."""
+        n = getattr(self.encoder, "num_layers", None)
+        if layer is None or n is None:
+            return layer
+        from unirep.intermediates import normalize_index
+
+        return normalize_index(int(layer), int(n), f"teacher {type(self.encoder).__name__}")
+
     @torch.no_grad()
     def _cached(self, sample: Any, layer: int | None, pooled: bool, device: torch.device | None) -> Any:
+        layer = self.normalize_layer(layer)
         kind = feature_kind(layer, pooled)
         digests = self.item_digests(sample) if self.cache_enabled else None
         if digests is None:

@@ -220,6 +220,7 @@ def precompute_features(
         assert enc is not None
         enc.to(device)
         for layer, pooled in target_kinds(t):
+            layer = enc.normalize_layer(layer)
             kind = feature_kind(layer, pooled)
             folder = enc.store_dir(kind)
             if folder is None:

@@ -103,6 +103,9 @@ def test_cached_equals_recomputed_pooled_and_layers():
         torch.testing.assert_close(enc.encode(x, layer=1).x, teacher.lin(x).reshape(-1, 6))
         torch.testing.assert_close(enc.encode(x, layer=0).x, torch.zeros(8, 6))
     assert enc.teacher_calls == 4  # tokens, pooled, layer 1, layer 0: once each
+    teacher.num_layers = 2
+    torch.testing.assert_close(enc.encode(x, layer=-2).x, teacher.lin(x).reshape(-1, 6))  # -2 is layer 1: stored
+    assert enc.teacher_calls == 4
 
 
 def test_non_tensor_samples_use_item_digests_and_keep_positions():
