@@ -166,6 +166,14 @@ FACTORIES: set[str] = {
     "molecular.quickstart.foundation_teacher",
     *(f"molecular.conformers{m}.conformer_datamodule" for m in ("", ".data")),
     "molecular.task.mace_data",
+    "molecular.conformers.ensembles.ensemble_datamodule",
+    *(f"molecular.{n}" for n in ("flows.load_vae", "tokenizers.geoldm.load_vae", "flows.reflow.load_velocity_net")),
+    *(f"molecular.proteins.{n}" for n in ("data.protein_datamodule", "flow.load_autoencoder")),
+    *(f"molecular.proteins.flow.flow_{n}" for n in ("small", "tiny")),
+    *(f"molecular.proteins.slae.slae_{n}" for n in ("small", "tiny")),
+    "molecular.quality.force_mae",
+    # losses a task takes as ``_partial_: true`` callables (pure functions of tensors)
+    *(f"unirep.align.{n}" for n in ("dispersive_loss", "smooth_l1", "vf_loss", "neg_cosine", "mse", "nt_xent")),
 }
 
 
