@@ -81,12 +81,57 @@ def part_masked(args, name: str) -> dict:
     return res
 
 
+def _slae_overrides(args, out: Path) -> list[str]:
+    steps = args.steps or 600
+    return [
+        "experiment=protein/slae",
+        f"data.root={args.root}",
+        f"trainer.max_steps={steps}",
+        "trainer.device=cpu",
+        f"trainer.num_threads={args.threads}",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.resume=auto",  # a rerun continues an interrupted training run
+        f"trainer.ckpt_every={max(100, steps // 4)}",
+        f"out_dir={out}",
+    ]
+
+
+def _test_reconstruction(task, root: str, crop: int = 32) -> dict:
+    from molecular.proteins.data import ProteinSet
+    from molecular.proteins.slae import reconstruction_metrics
+    from molecular.proteins.task import iterate_batches
+
+    test = ProteinSet(root, "test", crop=crop)
+    sums, count = {}, 0
+    for b in iterate_batches(test, 8):
+        for k, v in reconstruction_metrics(task.model.eval(), b).items():
+            if v == v:  # not NaN
+                sums[k] = sums.get(k, 0.0) + v * b.num_graphs
+        count += b.num_graphs
+    return {"test_items": count, **{k: v / count for k, v in sums.items()}}
+
+
+def part_slae(args) -> dict:
+    """Train the SLAE-style autoencoder (recipe protein/slae) and measure reconstruction on the test split."""
+    from unirep.cli import compose, run_train
+    from unirep.train import load_task
+
+    out = Path(args.out) / "slae_run"
+    result = run_train(compose("train", _slae_overrides(args, out)))
+    task, _ = load_task(result["checkpoint"], ema=True, device="cpu", trust_config=True)
+    metrics = {"val": result["eval"], "test": _test_reconstruction(task, args.root), "steps": result["step"]}
+    metrics["checkpoint"] = str(result["checkpoint"])
+    return metrics
+
+
 def parts() -> dict[str, Callable]:
     table: dict[str, Callable] = {}
     for n in PROBE_ENCODERS:
         table[f"probes_{n}"] = lambda a, n=n: part_probes(a, n)
     for n in MASKED_ENCODERS:
         table[f"masked_{n}"] = lambda a, n=n: part_masked(a, n)
+    table["slae"] = part_slae
     return table
 
 

@@ -184,6 +184,10 @@ class ResidueEnvironmentEncoder(nn.Module):
         self.cache_key = f"residues-{mode}-{pool}-{cutoff}-{int(mask_side_chain)}-s{stride}-{inner}"
         self.quality = getattr(encoder, "quality", None)
 
+    def item_digests(self, sample: Any) -> list[str] | None:
+        """Content keys of a batch's proteins (the teacher-feature cache of ``unirep.encoders.FrozenEncoder``)."""
+        return sample.item_digests() if isinstance(sample, ProteinBatch) else None
+
     def _layers(self, sample: Any) -> list[TokenSet]:
         fn = getattr(self.encoder, "encode_layers", None)
         return list(fn(sample)) if fn is not None else [self.encoder.encode(sample)]

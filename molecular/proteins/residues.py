@@ -69,6 +69,51 @@ class ProteinBatch(GraphBatch):
             pos = self.ca_positions()
         return TokenSet(x, self.residue_batch, pos, self.num_graphs)
 
+    def select(self, items: Sequence[int]) -> ProteinBatch:
+        """A sub-batch of the given proteins (residue structure kept; no radius graph, no labels)."""
+        items = [int(i) for i in items]
+        atoms = torch.cat([torch.arange(int(self.ptr[i]), int(self.ptr[i + 1]), device=self.ptr.device) for i in items])
+        res = torch.cat([torch.nonzero(self.residue_batch == i).squeeze(1) for i in items])
+        counts = torch.stack([self.ptr[i + 1] - self.ptr[i] for i in items])
+        rcounts = torch.stack([(self.residue_batch == i).sum() for i in items])
+        ptr = torch.zeros(len(items) + 1, dtype=torch.long, device=self.ptr.device)
+        ptr[1:] = torch.cumsum(counts, 0)
+        new_items = torch.arange(len(items), device=self.ptr.device)
+        # atoms -> residues: renumber residues consecutively in the new order
+        remap = torch.full((self.num_residues,), -1, dtype=torch.long, device=self.ptr.device)
+        remap[res] = torch.arange(res.numel(), device=res.device)
+        ca = self.ca_atom[res]
+        _, chain = torch.unique_consecutive(self.residue_chain[res], return_inverse=True)
+        atom_remap = torch.full((self.numbers.numel(),), -1, dtype=torch.long, device=self.ptr.device)
+        atom_remap[atoms] = torch.arange(atoms.numel(), device=atoms.device)
+        return ProteinBatch(
+            numbers=self.numbers[atoms],
+            positions=self.positions[atoms],
+            batch=new_items.repeat_interleave(counts),
+            ptr=ptr,
+            ids=[self.ids[i] for i in items] if self.ids else [],
+            atom_residue=remap[self.atom_residue[atoms]],
+            atom37_slot=self.atom37_slot[atoms],
+            residue_batch=new_items.repeat_interleave(rcounts),
+            residue_type=self.residue_type[res],
+            residue_chain=chain,
+            residue_position=self.residue_position[res],
+            ca_atom=torch.where(ca >= 0, atom_remap[ca.clamp_min(0)], ca),
+        )
+
+    def item_digests(self) -> list[str]:
+        """A content key per protein (elements, coordinates, residue assignment)."""
+        import hashlib
+
+        out = []
+        for g in range(self.num_graphs):
+            a, b = int(self.ptr[g]), int(self.ptr[g + 1])
+            h = hashlib.sha1(self.numbers[a:b].cpu().numpy().tobytes())
+            h.update(self.positions[a:b].detach().cpu().float().numpy().tobytes())
+            h.update((self.atom_residue[a:b] - self.atom_residue[a]).cpu().numpy().tobytes())
+            out.append(h.hexdigest())
+        return out
+
     def ca_positions(self, positions: Tensor | None = None) -> Tensor:
         """CA coordinates ``[R, 3]`` (a residue without CA gets the mean of its atoms)."""
         positions = self.positions if positions is None else positions
