@@ -21,7 +21,9 @@ minima and a 6 kcal/mol window. Neither ETKDG nor MMFF minima are the reference:
 and ETKDG is only one kind of start next to the DFT geometry and MD.
 
 Built once, cached and resumable: one file per test molecule under ``<out>/test_parts/`` (written atomically; a
-rerun skips finished molecules), then ``<out>/test.sdf``, ``<out>/train.sdf`` and ``<out>/manifest.json``.
+rerun skips finished molecules) and one per 50 training molecules under ``<out>/train_parts/``, then
+``<out>/test.sdf``, ``<out>/train.sdf`` and ``<out>/manifest.json``. ``--train-only`` / ``--test-only`` split the
+work between two processes.
 Cost: about 1 s per GFN2 optimisation of a QM9 molecule on one free core (plus the MD), i.e. ~15-20 s per test
 molecule with the defaults, 30-40 min for 100 molecules on one core; the training set takes a few minutes.
 
@@ -108,23 +110,33 @@ def _progress(iterable, total: int, desc: str):
         return iterable
 
 
-def train_ensembles(mols: list, out: Path, confs: int, max_confs: int, seed: int) -> Path:
-    from molecular.conformers.ensembles import record_from_conformers, write_ensembles
+def train_ensembles(mols: list, out: Path, confs: int, max_confs: int, seed: int, chunk: int = 50) -> Path:
+    """ETKDG + MMFF ensembles, written in chunks of ``chunk`` molecules (resumable), then joined as ``train.sdf``."""
+    from molecular.conformers.ensembles import read_ensembles, record_from_conformers, write_ensembles
     from molecular.conformers.generate import conformer_mols, etkdg_conformers, prune_conformers
 
     path = out / "train.sdf"
     if path.exists():
         print(f"[train] {path} exists: kept", flush=True)
         return path
-    records = []
-    for m in _progress(mols, len(mols), "train ETKDG+MMFF"):
-        try:
-            ens = conformer_mols(etkdg_conformers(m["template"], confs, seed=seed, mmff=True))
-        except RuntimeError:
-            continue
-        kept = prune_conformers(ens, 0.25)[:max_confs]
-        pos = [ens[i].GetConformer().GetPositions() for i in kept]
-        records.append(record_from_conformers(m["smiles"], pos, template=m["template"]))
+    parts = out / "train_parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(mols), chunk))
+    todo = [s for s in starts if not (parts / f"{s // chunk:04d}.sdf").exists()]
+    print(f"[train] {len(starts) - len(todo)} of {len(starts)} chunks cached under {parts}", flush=True)
+    for s in _progress(todo, len(todo), f"train ETKDG+MMFF (chunks of {chunk})"):
+        records = []
+        for m in mols[s : s + chunk]:
+            try:
+                ens = conformer_mols(etkdg_conformers(m["template"], confs, seed=seed, mmff=True))
+            except RuntimeError:
+                continue
+            kept = prune_conformers(ens, 0.25)[:max_confs]
+            pos = [ens[i].GetConformer().GetPositions() for i in kept]
+            records.append(record_from_conformers(m["smiles"], pos, template=m["template"]))
+        write_ensembles(records, parts / f"{s // chunk:04d}.sdf")  # atomic: a half-written chunk never counts
+        print(f"[train] chunk {s // chunk} ({len(records)} molecules) done", flush=True)
+    records = [r for s in starts for r in read_ensembles(parts / f"{s // chunk:04d}.sdf")]
     write_ensembles(records, path)
     print(f"[train] {len(records)} molecules -> {path}", flush=True)
     return path
@@ -267,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--energy-window", type=float, default=6.0, help="kcal/mol above the lowest (CREST's default)")
     p.add_argument("--dedup-rmsd", type=float, default=0.125, help="heavy-atom RMSD (Å) below which two are one")
     p.add_argument("--test-only", action="store_true", help="skip the training set")
+    p.add_argument("--train-only", action="store_true", help="skip the test set (two processes can split the work)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.test_only:
         train_ensembles(train, out, args.train_confs, args.train_max_confs, args.seed)
+    if args.train_only:
+        return
     done = test_ensembles(test, out, args)
     path = write_test(done, {m["smiles"]: m["template"] for m in test}, out)
     n_conf = [len(d["conformers"]) for d in done]
