@@ -80,8 +80,7 @@ def test_case_17_overlapping_atoms():
         validate_structures([s])
 
 
-@pytest.mark.parametrize("kind", ["empty", "missing", "unlabelled", "garbage"])
-def test_case_18_21_empty_missing_unlabelled_garbage(tmp_path, kind):
+def _read_validated(tmp_path, kind):
     path = tmp_path / "data.extxyz"
     if kind == "empty":
         path.write_text("")
@@ -94,6 +93,22 @@ def test_case_18_21_empty_missing_unlabelled_garbage(tmp_path, kind):
     assert str(path) in str(e.value) or "data.extxyz" in str(e.value)
 
 
+def test_case_18_empty_file(tmp_path):
+    _read_validated(tmp_path, "empty")
+
+
+def test_case_19_missing_file(tmp_path):
+    _read_validated(tmp_path, "missing")
+
+
+def test_case_20_unlabelled_file(tmp_path):
+    _read_validated(tmp_path, "unlabelled")
+
+
+def test_case_21_garbage_file(tmp_path):
+    _read_validated(tmp_path, "garbage")
+
+
 def test_case_22_bad_smiles():
     with pytest.raises(StructureError, match=r"SMILES item 1 \('C1CC\(\('\): rdkit cannot parse it"):
         structures_from_smiles(["CCO", "C1CC(("], optimize=None)
@@ -104,8 +119,7 @@ def test_case_23_empty_smiles():  # fixed in molecular.data (another engineer's 
         structures_from_smiles(["CCO", ""], optimize=None)
 
 
-@pytest.mark.parametrize("kind", ["malformed.pdb", "empty.pdb", "bad.cif", "element_q.pdb"])
-def test_case_24_25_pdb_mmcif(tmp_path, kind):
+def _read_bio(tmp_path, kind):
     path = tmp_path / kind
     atom = "ATOM      1  CA  ALA A   1      11.104   6.134  -6.504  1.00  0.00           {el}\n"
     if kind == "malformed.pdb":
@@ -119,6 +133,16 @@ def test_case_24_25_pdb_mmcif(tmp_path, kind):
     with pytest.raises(StructureError) as e:
         read_biomolecule(path)
     assert str(path) in str(e.value) or path.name in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["malformed.pdb", "empty.pdb", "bad.cif"])
+def test_case_24_malformed_or_empty_pdb_bad_mmcif(tmp_path, kind):
+    _read_bio(tmp_path, kind)
+
+
+def test_case_25_unknown_element_q(tmp_path):
+    assert "'Q'" in _read_bio(tmp_path, "element_q.pdb")
 
 
 def test_case_26_bad_sdf(tmp_path):
