@@ -631,10 +631,10 @@ class TeacherTarget(AlignTarget):
         raise KeyError(f"TeacherTarget: the batch has none of the fields {list(self.input_key)} (has {list(batch)})")
 
     def tokens(self, ctx: AlignContext) -> TokenSet:
-        memo = (id(self._teacher), self.layer, self.mode)
+        enc = self._teacher
+        memo = (id(getattr(enc, "encoder", enc)), self.layer, self.mode)  # one call per wrapped teacher and step
         if memo in ctx.cache:
             return ctx.cache[memo]
-        enc = self._teacher
         sample = self.teacher_input(ctx.batch)
         out: TokenSet | None = None
         if self.mode != "pooled":
