@@ -125,6 +125,7 @@ def main() -> None:
                     f"trainer.ckpt_every={args.steps}",
                     "trainer.eval_at_end=false",
                     "trainer.resume=none",
+                    "trainer.overwrite=true",
                     "trainer.progress=false",
                     "trainer.tensorboard=false",
                 ],

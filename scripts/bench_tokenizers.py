@@ -118,6 +118,7 @@ def common(args: argparse.Namespace, steps: int) -> list[str]:
         "trainer.keep_last=1",
         "trainer.warmup_steps=" + str(min(50, steps // 10)),
         "trainer.resume=none",
+        "trainer.overwrite=true",
         "trainer.device=cpu",
         # a short run evaluated with a long-horizon EMA scores the initial weights: tie the horizon to the budget
         f"trainer.ema_decay={args.ema_decay if args.ema_decay is not None else min(0.9999, max(0.0, 1 - 10 / steps))}",

@@ -53,6 +53,7 @@ def train_curves(args: argparse.Namespace) -> dict:
                 "trainer.progress=false",
                 "trainer.tensorboard=false",
                 "trainer.resume=none",
+                "trainer.overwrite=true",
                 f"trainer.ckpt_every={args.steps}",
                 f"task.eval_samples={args.eval_samples}",
                 f"task.sample_steps={args.sample_steps}",
