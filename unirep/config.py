@@ -70,6 +70,7 @@ class TrainerConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    monitor: str | None = None  # the evaluation metric a ReduceLROnPlateau scheduler steps on (mace-torch: val loss)
     max_bad_steps: int = 10
     max_weight_growth: float = 100.0
     progress: bool = True

@@ -481,3 +481,32 @@ def test_functions_fit_on_a_screen():
         for node in ast.walk(ast.parse((root / rel).read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert node.end_lineno - node.lineno < 80, f"{rel}:{node.lineno} {node.name}"
+
+
+class _ConstantEval(NoisyRegression):
+    def evaluate(self, data, out_dir, step):
+        return {"val/loss": 1.0}  # never improves: a patience-0 plateau halves the lr at every evaluation after the 1st
+
+
+def test_plateau_schedule_steps_on_the_monitored_evaluation_metric_and_resumes(tmp_path):
+    plateau = functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, factor=0.5, patience=0)
+    kw = dict(eval_every=2, monitor="val/loss", warmup_steps=0, lr_schedule="constant", eval_at_end=False)
+    t = Trainer(_ConstantEval(), _data(), functools.partial(torch.optim.AdamW, lr=1e-2), scheduler=plateau,
+                **_args(tmp_path / "a", max_steps=6, **kw))  # fmt: skip
+    t.fit()
+    # evaluations at 2, 4, 6: the first sets the best, the next two halve the lr
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+    t2 = Trainer(_ConstantEval(), _data(), functools.partial(torch.optim.AdamW, lr=1e-2), scheduler=plateau,
+                 **_args(tmp_path / "a", max_steps=8, resume="auto", **kw))  # fmt: skip
+    t2.fit()
+    assert t2.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.125)  # the plateau state was resumed
+    with pytest.raises(ValueError, match="trainer.monitor"):
+        Trainer(_ConstantEval(), _data(), torch.optim.AdamW, scheduler=plateau,
+                **_args(tmp_path / "b", max_steps=2, eval_every=2)).fit()  # fmt: skip
+
+
+def _args(out_dir, **kw):
+    args = dict(max_steps=8, batch_size=8, precision="fp32", device="cpu", num_threads=1, seed=3, out_dir=out_dir,
+                progress=False, tensorboard=False, log_every=2, ckpt_every=2)  # fmt: skip
+    args.update(kw)
+    return args

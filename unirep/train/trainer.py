@@ -317,6 +317,13 @@ class Trainer:
             )
         self.optimizer = self._build_optimizer(self.params)
         self.scheduler = self._build_scheduler(self.optimizer)
+        self._plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self._plateau and (not self.cfg.monitor or self.cfg.eval_every <= 0):
+            raise ValueError(
+                "a ReduceLROnPlateau scheduler steps on an evaluation metric: set trainer.monitor (e.g. "
+                f"val/f_mae_meV_A) and trainer.eval_every > 0 (got monitor={self.cfg.monitor!r}, "
+                f"eval_every={self.cfg.eval_every})"
+            )
         self.ema = EMA(task.model, self.cfg.ema_decay, warmup=self.cfg.ema_warmup)
 
     # -- resume ----------------------------------------------------------------------------------------------------
@@ -528,7 +535,8 @@ class Trainer:
         else:
             self._skip_step(step, sums["loss"], grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if not self._plateau:  # a plateau schedule steps after each evaluation instead (_step_plateau)
+            self.scheduler.step()
         self.step = step + 1
         self._phase = "done"
         return stop if self.world > 1 else self._stop_signal is not None  # one process: a signal during this step
@@ -587,7 +595,24 @@ class Trainer:
             print(f"[unirep] eval at step {step}: {shown}", flush=True)
         dist_utils.barrier()
         self.last_eval = metrics
+        if getattr(self, "_plateau", False):
+            self._step_plateau(metrics)
         return metrics
+
+    def _step_plateau(self, metrics: dict[str, Any]) -> None:
+        """ReduceLROnPlateau on ``trainer.monitor`` (rank 0's value, shared with every rank)."""
+        name = self.cfg.monitor
+        value = torch.tensor(float("nan"), device=self.device)
+        if dist_utils.is_main():
+            if name not in metrics:
+                raise KeyError(
+                    f"trainer.monitor={name!r} is not among the evaluation metrics {sorted(metrics)}: "
+                    "set trainer.monitor to one of them"
+                )
+            value.fill_(float(metrics[name]))
+        if self.world > 1:
+            torch.distributed.broadcast(value, src=0)
+        self.scheduler.step(float(value))
 
     def _weight_norm(self) -> float:
         return float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in self.params])))
