@@ -80,10 +80,10 @@ def train_file(bench: Path, out: Path) -> Path:
     chunks = sorted((bench / "train_parts").glob("*.sdf"))
     if not chunks:
         sys.exit(f"no training data under {bench}: run scripts/make_conformer_benchmark.py first")
-    recs = [r for c in chunks for r in read_ensembles(c)]
-    path = out / "train_partial.sdf"
-    write_ensembles(recs, path)
-    _log(f"train.sdf missing: training on the {len(recs)} molecules of {len(chunks)} finished chunks")
+    path = out / f"train_partial_{len(chunks)}chunks.sdf"
+    if not path.exists():
+        write_ensembles([r for c in chunks for r in read_ensembles(c)], path)
+    _log(f"train.sdf missing: training on the {len(chunks)} finished chunks ({path})")
     return path
 
 
@@ -142,6 +142,8 @@ def train(model: str, seed: int, args, train_sdf: Path, out: Path) -> Path:
         f"task.model.num_layers={args.depth}",
         *extra,
     ]
+    if recipe.endswith("_repa") and args.teacher_path and "random_init" not in " ".join(extra):
+        overrides.append(f"task.teacher.path={args.teacher_path}")
     t0 = time.perf_counter()
     run_train(compose("train", overrides))
     _write(out / "results" / f"train_{model}_s{seed}.json", {"seconds": time.perf_counter() - t0, "steps": args.steps})
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--train-sdf", default=None, help="training ensembles (default: the benchmark's train.sdf)")
+    p.add_argument("--teacher-path", default=None, help="the REPA teacher (default: the recipe's foundation MACE)")
     p.add_argument("--max-train", type=int, default=None, help="cap on training molecules")
     p.add_argument("--max-test", type=int, default=None, help="cap on held-out molecules")
     p.add_argument("--sample-steps", type=int, default=50)
@@ -236,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                 gen, sec = etkdg(records, counts, 1000 + seed, mmff)
                 _write(f, score(records, gen, sec, {"sample_steps": None, "train_steps": None}))
                 _log(f"{name} seed {seed}: COV-R {100 * json.loads(f.read_text())['cov_r_mean']:.1f} %")
-    train_sdf = train_file(bench, out) if {"train", "reflow"} & set(args.parts) else None
+    train_sdf = Path(args.train_sdf) if args.train_sdf else None
+    if train_sdf is None and {"train", "reflow"} & set(args.parts):
+        train_sdf = train_file(bench, out)
     for model in args.models:
         for seed in args.seeds:
             if "train" in args.parts and not (out / "results" / f"train_{model}_s{seed}.json").exists():

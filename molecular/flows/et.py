@@ -209,5 +209,5 @@ def et_small(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = N
 
 
 def et_base(num_atom_features: int = NUM_ATOM_FEATURES, num_bond_types: int = NUM_BOND_TYPES, latent_dim: int = 0):
-    """GPU runs, close to ET-Flow's QM9 model: 8 layers of width 160 (ET-Flow uses 8 x 160), 8 heads."""
+    """GPU runs: 8 layers of width 160, 8 heads."""
     return EquivariantTransformer(num_atom_features, num_bond_types, 160, 8, 8, 64, 64, latent_dim=latent_dim)

@@ -436,3 +436,30 @@ def test_egnn_time_embedding_is_the_shared_one_at_1000_t():
     args = 1000.0 * t[:, None] * freqs[None]
     expected = torch.cat([torch.cos(args), torch.sin(args), torch.zeros(3, 1, dtype=torch.float64)], dim=-1)
     assert emb.dtype == torch.float64 and torch.equal(emb, expected)
+
+
+def test_teacher_neighbour_lists_are_not_rebuilt_on_cache_hits(data, monkeypatch):
+    from functools import partial
+
+    from molecular.flows.task import ConformerFlowTask, LazyGraphBatch
+    from molecular.teachers import random_mace_teacher
+    from unirep.align import AlignmentTerm, ProjectorMLP, TeacherTarget
+
+    teacher = random_mace_teacher([1, 6, 7, 8], r_max=4.0)
+    if teacher.item_digests(collate_molecules([data[0]])) is None:
+        pytest.skip("this teacher has no content digests: nothing can be cached")
+    built = []
+    original = LazyGraphBatch.graph
+
+    def counting(self, i):
+        built.append(i)
+        return original(self, i)
+
+    monkeypatch.setattr(LazyGraphBatch, "graph", counting)
+    term = AlignmentTerm(1, partial(ProjectorMLP, hidden_dim=16), TeacherTarget(None, input_key=None))
+    task = ConformerFlowTask(egnn_tiny(NUM_ATOM_FEATURES), teacher=teacher, align={"repa": term})
+    b = collate_molecules([data[i] for i in range(len(data))])
+    task(b, 0)
+    first = len(built)
+    task(b, 1)  # same structures: every teacher feature comes from the cache
+    assert first > 0 and len(built) == first
