@@ -160,6 +160,18 @@ def best_checkpoint(run_dir: Path) -> tuple[int, float, list[dict]]:
     return int(best["step"]), float(best["val_f_mae"]), curve
 
 
+def steps_per_sec(run_dir: Path) -> float | None:
+    """The trainer's logged optimiser steps per second (mean over log lines; evaluation excluded)."""
+    import csv
+
+    f = run_dir / "metrics.csv"
+    if not f.exists():
+        return None
+    with open(f) as fh:
+        v = [float(r["steps_per_sec"]) for r in csv.DictReader(fh) if r.get("steps_per_sec")]
+    return float(np.mean(v)) if v else None
+
+
 def run_one(args, row: str, n: int, seed: int, pool: Path, test: Path, out: Path) -> dict | None:
     from unirep.cli import compose, run_train
 
@@ -168,8 +180,8 @@ def run_one(args, row: str, n: int, seed: int, pool: Path, test: Path, out: Path
     if done.exists():
         return json.loads(done.read_text())
     t0, c0 = time.time(), _cpu_s()
-    cfg = compose("train", overrides(args, row, n, seed, pool, run_dir))
-    run_train(cfg)
+    if not (run_dir / "checkpoints" / f"step_{args.steps:08d}").exists():  # trained already: only evaluate
+        run_train(compose("train", overrides(args, row, n, seed, pool, run_dir)))
     train_wall, train_cpu = time.time() - t0, _cpu_s() - c0
     step, val_f, curve = best_checkpoint(run_dir)
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
@@ -186,6 +198,7 @@ def run_one(args, row: str, n: int, seed: int, pool: Path, test: Path, out: Path
         "val_curve": curve,
         "train_wall_s": round(train_wall, 1),
         "train_cpu_s": round(train_cpu, 1),
+        "steps_per_sec": steps_per_sec(run_dir),
         "overrides": overrides(args, row, n, seed, pool, run_dir),
         **test_errors(ckpt, test, args.max_test),
     }
@@ -232,6 +245,15 @@ def report(out: Path, teacher: str) -> dict:
         if "1000" in mace and "250" in summary["rows"].get(row, {}):
             a, b = summary["rows"][row]["250"]["test/f_mae_meV_A"], mace["1000"]["test/f_mae_meV_A"]
             summary[f"claim_{row}_250_as_good_as_mace_1000"] = bool(a["mean"] - a["std"] <= b["mean"] + b["std"])
+    speed = {
+        row: float(
+            np.mean([r["steps_per_sec"] for rs in by_n.values() for r in rs if r.get("steps_per_sec")] or [np.nan])
+        )
+        for row, by_n in table.items()
+    }
+    summary["steps_per_sec"] = speed
+    if "mace" in speed:  # the cost of alignment per step (teacher features cached after the first epoch)
+        summary["time_per_step_vs_mace"] = {row: speed["mace"] / v for row, v in speed.items() if row != "mace"}
     budgets = sorted({r["budget_steps"] for r in runs})
     molecule = runs[0]["molecule"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
