@@ -20,7 +20,10 @@ backbone as a safetensors file of the timm model's state dict (plus a JSON sidec
 linear-probe accuracy) that loads through exactly the same :class:`vision.encoders.TimmViTEncoder` ``pretrained_path``
 code as DINOv2 (short name ``unirep_vit_digits``). Before this recipe, a private loop of 1,500 steps (batch 128,
 AdamW 1.5e-3, 5 % warm-up and cosine decay) gave a linear probe of 92.8 % on the held-out digits against 80.0 % for
-the same architecture at initialisation.
+the same architecture at initialisation (92.2 % when rerun on 2026-12-01). The recipe, same settings on the trainer
+(epoch permutations instead of sampling with replacement, per-step generators): MAE loss 0.586 / 0.429 / 0.365 / 0.341
+at steps 250 / 500 / 1000 / 1500 (the loop: 0.562 / 0.423 / 0.361 / 0.338), linear probe 96.1 %, 80.0 % at
+initialisation (one seed; 30 min on a shared 2-core CPU at load ~20, one thread).
 """
 
 from __future__ import annotations
