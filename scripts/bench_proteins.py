@@ -125,6 +125,47 @@ def part_slae(args) -> dict:
     return metrics
 
 
+FLOW_TEACHERS = {
+    "soap": ["task.teacher.encoder._target_=molecular.descriptors.SOAPDescriptor", "~task.teacher.encoder.model_name",
+             "+task.teacher.encoder.species=[1,6,7,8,16]"],
+    "chgnet": [],
+}  # fmt: skip
+
+
+def part_flow(args, teacher: str | None) -> dict:
+    """Train the partially latent flow on the bench's autoencoder (part slae) and score decoded samples."""
+    from unirep.cli import compose, run_train
+
+    ae = Path(args.out) / "slae_run"
+    if not (ae / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{ae} has no checkpoint: run the slae part first (--parts slae)")
+    steps = args.flow_steps
+    name = "flow" if teacher is None else f"flow_repa_{teacher}"
+    out = Path(args.out) / f"{name}_run"
+    overrides = [
+        f"experiment=protein/{'flow' if teacher is None else 'flow_repa'}",
+        f"data.root={args.root}",
+        f"task.autoencoder.checkpoint={ae}",
+        f"trainer.max_steps={steps}",
+        "trainer.device=cpu",
+        f"trainer.num_threads={args.threads}",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.resume=auto",
+        f"trainer.ckpt_every={max(100, steps // 4)}",
+        "task.eval_samples=32",
+        f"out_dir={out}",
+        *(FLOW_TEACHERS[teacher] if teacher else []),
+    ]
+    result = run_train(compose("train", overrides))
+    return {
+        "eval": result["eval"],
+        "steps": result["step"],
+        "teacher": teacher,
+        "checkpoint": str(result["checkpoint"]),
+    }
+
+
 def parts() -> dict[str, Callable]:
     table: dict[str, Callable] = {}
     for n in PROBE_ENCODERS:
@@ -132,6 +173,9 @@ def parts() -> dict[str, Callable]:
     for n in MASKED_ENCODERS:
         table[f"masked_{n}"] = lambda a, n=n: part_masked(a, n)
     table["slae"] = part_slae
+    table["flow"] = lambda a: part_flow(a, None)
+    for t in FLOW_TEACHERS:
+        table[f"flow_repa_{t}"] = lambda a, t=t: part_flow(a, t)
     return table
 
 
@@ -142,7 +186,8 @@ def main() -> None:
     ap.add_argument("--parts", nargs="*", default=["probes", "masked", "slae", "flow"], help="names or prefixes")
     ap.add_argument("--stride", type=int, default=4, help="masked parts: every k-th residue")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="training steps of the slae/flow parts")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of the slae part (600)")
+    ap.add_argument("--flow-steps", type=int, default=1500, help="training steps of the flow parts")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
@@ -152,7 +197,7 @@ def main() -> None:
     if args.list:
         print("\n".join(table))
         return
-    chosen = [k for k in table if any(k == p or k.startswith(p + "_") or k == p.rstrip("_") for p in args.parts)]
+    chosen = [k for k in table if any(k == p or k.startswith(p + "_") for p in args.parts)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for key in chosen:
