@@ -148,3 +148,14 @@ def test_data_groups_compose(group):
 
     cfg = compose("train", ["experiment=molecular/mace", f"data={group}"])
     assert cfg.data.train.startswith("data/molecular/") and cfg.data.generate.kind in ("md", "qm9")
+
+
+def test_label_to_file_takes_over_a_dead_workers_lock(tmp_path):
+    frames = langevin_md(_ethanol(), 4, calculator="mmff", interval=2, seed=0)
+    unlabelled = [s.__class__(s.numbers, s.positions, id=s.id) for s in frames]
+    parts = tmp_path / "set.extxyz.parts"
+    parts.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (parts / "part00000.lock").write_text(dead.stdout.strip())  # a worker that died holding chunk 0
+    path = label_to_file(unlabelled, tmp_path / "set.extxyz", calculator=MMFFCalculator(), chunk_size=2, progress=False)
+    assert len(read_structures(path)) == 4 and not parts.exists()
