@@ -52,9 +52,16 @@ def build_peptide(
     """A peptide of one-letter ``sequence`` with torsions in degrees (scalars or one per residue; phi of the first
     and psi/omega of the last residue are undefined and ignored). ``rotamer_seed`` draws side-chain rotamers at
     random (PeptideBuilder's library), otherwise its default rotamers. ``hydrogens='add'`` adds them (hydride)."""
-    import Bio.PDB as biopdb
     import biotite.structure.io.pdb as pdb
-    from PeptideBuilder import Geometry, make_structure_from_geos
+
+    try:
+        import Bio.PDB as biopdb
+        from PeptideBuilder import Geometry, make_structure_from_geos
+    except ImportError as err:
+        raise ImportError(
+            "building peptides needs PeptideBuilder: .venv/bin/pip install -c constraints.txt PeptideBuilder "
+            "(or the project's `proteins` extra)"
+        ) from err
 
     sequence = sequence.upper()
     bad = sorted(set(sequence) - set(_THREE))
