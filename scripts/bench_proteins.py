@@ -81,6 +81,36 @@ def part_masked(args, name: str) -> dict:
     return res
 
 
+def part_adk(args, name: str) -> dict:
+    """Open vs closed adenylate kinase from per-residue environments: a logistic probe trained on the residues of
+    the first half of the sequence, scored on the second half (both states of every residue on the same side)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from molecular.proteins.data import ProteinSet
+    from molecular.proteins.environments import ResidueEnvironmentEncoder
+
+    states = {p.id: p for p in ProteinSet(args.root, "all", sources=["MDAnalysisTests/adk"]).items}
+    if set(states) != {"adk_open", "adk_closed"}:
+        raise FileNotFoundError("the protein set has no AdK states: install MDAnalysisTests and remake it")
+    enc = ResidueEnvironmentEncoder(_atom_encoder(name), mode="full", pool="ca")
+    feats = {k: enc.encode([p]).x.double().numpy() for k, p in states.items()}
+    r = feats["adk_open"].shape[0]
+    half = np.arange(r) < r // 2
+    x = np.concatenate([feats["adk_open"], feats["adk_closed"]])
+    y = np.concatenate([np.zeros(r, int), np.ones(r, int)])
+    tr = np.concatenate([half, half])
+    scaler = StandardScaler().fit(x[tr])
+    clf = LogisticRegression(max_iter=1000, C=0.1).fit(scaler.transform(x[tr]), y[tr])
+    acc = float((clf.predict(scaler.transform(x[~tr])) == y[~tr]).mean())
+    moved = np.linalg.norm(feats["adk_open"] - feats["adk_closed"], axis=1) / (
+        np.linalg.norm(feats["adk_open"], axis=1) + 1e-12
+    )
+    return {"encoder": name, "residues": int(r), "state_acc_second_half": acc, "chance": 0.5,
+            "median_relative_feature_change": float(np.median(moved))}  # fmt: skip
+
+
 def _slae_overrides(args, out: Path) -> list[str]:
     steps = args.steps or 600
     return [
@@ -172,6 +202,8 @@ def parts() -> dict[str, Callable]:
         table[f"probes_{n}"] = lambda a, n=n: part_probes(a, n)
     for n in MASKED_ENCODERS:
         table[f"masked_{n}"] = lambda a, n=n: part_masked(a, n)
+    for n in ("random", "acsf", "soap", "chgnet"):
+        table[f"adk_{n}"] = lambda a, n=n: part_adk(a, n)
     table["slae"] = part_slae
     table["flow"] = lambda a: part_flow(a, None)
     for t in FLOW_TEACHERS:

@@ -41,7 +41,7 @@ from molecular.tokenizers.local_ae import DEFAULT_Z_TABLE, LocalEnvironmentEncod
 from unirep.tokenizers import Tokenizer
 from unirep.tokens import TokenSet, segment_mean
 
-from .constants import ATOM37, ATOM37_INDEX, ATOM37_MASK, CHI1_ATOM, NUM_RESIDUE_TYPES, RESIDUES
+from .constants import ATOM37, ATOM37_INDEX, CHI1_ATOM, NUM_RESIDUE_TYPES, RESIDUES
 from .residues import ProteinBatch, ca_frames, dihedral, to_atom37
 
 __all__ = [
@@ -344,10 +344,6 @@ def _contact_precision(dgram: Tensor, batch: ProteinBatch, ca: Tensor) -> float:
         top = p_contact[sel].topk(min(length, int(sel.sum()))).indices
         precisions.append(float(true[sel][top].float().mean()))
     return sum(precisions) / len(precisions) if precisions else float("nan")
-
-
-def _atom37_mask_of(types: Tensor) -> Tensor:
-    return torch.as_tensor(ATOM37_MASK, device=types.device)[types]
 
 
 def slae_tiny(latent_dim: int = 4, r_max: float = 4.0, latent_noise: float = 0.0) -> ProteinAutoencoder:
