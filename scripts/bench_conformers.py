@@ -35,7 +35,7 @@ import numpy as np
 
 MODELS = {
     "egnn": ("conformer_qm9", []),
-    "et": ("conformer_qm9", ["model=molecular_conf_et", "task.model.heads=4"]),
+    "et": ("conformer_qm9", ["model@task.model=molecular_conf_et", "task.model.heads=4"]),
     "egnn_plain": ("conformer_qm9", ["task.align_prior=false", "task.bridge_noise=0.0", "task.loss=mse"]),
     "egnn_repa": ("conformer_qm9_repa", []),
     "egnn_repa_random": ("conformer_qm9_repa", ["+task.teacher.random_init=true", "task.teacher.cache_dir=null"]),
