@@ -609,6 +609,11 @@ class TeacherTarget(AlignTarget):
             raise ValueError(f"TeacherTarget mode={self.mode!r} needs a teacher with a pooled vector (encode_pooled)")
 
     @property
+    def teacher(self) -> Any:
+        """The FrozenEncoder this target reads: its own, or the task's shared one after :meth:`bind`."""
+        return self._teacher
+
+    @property
     def _teacher(self) -> Any:
         enc = self.encoder if self.encoder is not None else getattr(self, "_shared", None)
         if enc is None:
