@@ -151,7 +151,7 @@ def _target_encoder(target: Any) -> FrozenEncoder | None:
     if isinstance(enc, FrozenEncoder):
         return enc
     try:
-        enc = getattr(target, "teacher", None)  # TeacherTarget(encoder=None) shares task.teacher
+        enc = getattr(target, "teacher", None) or getattr(target, "_teacher", None)  # shared task.teacher
     except RuntimeError:  # not bound yet
         return None
     return enc if isinstance(enc, FrozenEncoder) else None
