@@ -192,6 +192,59 @@ def find_teacher_targets(task: nn.Module) -> tuple[list[Any], list[FrozenEncoder
     return targets, unused
 
 
+Job = tuple[Any, FrozenEncoder, "int | None", bool, "ShardWriter"]
+
+
+def _plan_jobs(targets: list[Any], device: torch.device, shard_mb: float) -> tuple[list[Job], dict[Path, ShardWriter]]:
+    """One job per (target, layer, pooled) kind, each writing into the shard store of its teacher and kind."""
+    writers: dict[Path, ShardWriter] = {}
+    jobs: list[Job] = []
+    for t in targets:
+        enc = _target_encoder(t)
+        assert enc is not None
+        enc.to(device)
+        for layer, pooled in target_kinds(t):
+            layer = enc.normalize_layer(layer)
+            kind = feature_kind(layer, pooled)
+            folder = enc.store_dir(kind)
+            if folder is None:
+                raise ValueError(
+                    f"teacher {type(enc.encoder).__name__} of {type(t).__name__} has no cache_dir, so its features "
+                    "have nowhere to go: set the teacher's cache_dir in the recipe (or on the command line) and rerun"
+                )
+            w = writers.get(folder)
+            if w is None:
+                w = writers[folder] = ShardWriter(folder, enc.cache_key, kind, shard_mb)
+                for name in w.repaired:
+                    log.warning("unreadable shard %s/%s removed: its items are recomputed", folder, name)
+            jobs.append((t, enc, layer, pooled, w))
+    return jobs, writers
+
+
+def _run_job(job: Job, batch: Any, stats: dict[Path, dict[str, int]]) -> None:
+    """Compute and store the features of the items of ``batch`` that the job's store does not hold yet."""
+    t, enc, layer, pooled, w = job
+    inp = t.teacher_input(batch)
+    digests = enc.item_digests(inp)
+    if digests is None:
+        raise TypeError(
+            f"teacher {type(enc.encoder).__name__}: its input is not a tensor and the encoder has no "
+            "item_digests(sample) -> list[str], so its features cannot be keyed by content"
+        )
+    todo = [j for j, d in enumerate(digests) if d not in w]
+    stats[w.folder]["skipped"] += len(digests) - len(todo)
+    if not todo:
+        return
+    part = inp if len(todo) == len(digests) else _subset(inp, todo)
+    if part is None:
+        todo, part = list(range(len(digests))), inp
+    entries = enc.compute_entries(part, layer, pooled)
+    for j, e in zip(todo, entries, strict=True):
+        if digests[j] not in w:
+            w.add(digests[j], e)
+            stats[w.folder]["computed"] += 1
+
+
 def precompute_features(
     task: nn.Module,
     dataset: Any,
@@ -213,27 +266,7 @@ def precompute_features(
     if not targets:
         return []
     device = torch.device(device)
-    writers: dict[Path, ShardWriter] = {}
-    jobs: list[tuple[Any, FrozenEncoder, int | None, bool, ShardWriter]] = []
-    for t in targets:
-        enc = _target_encoder(t)
-        assert enc is not None
-        enc.to(device)
-        for layer, pooled in target_kinds(t):
-            layer = enc.normalize_layer(layer)
-            kind = feature_kind(layer, pooled)
-            folder = enc.store_dir(kind)
-            if folder is None:
-                raise ValueError(
-                    f"teacher {type(enc.encoder).__name__} of {type(t).__name__} has no cache_dir, so its features "
-                    "have nowhere to go: set the teacher's cache_dir in the recipe (or on the command line) and rerun"
-                )
-            w = writers.get(folder)
-            if w is None:
-                w = writers[folder] = ShardWriter(folder, enc.cache_key, kind, shard_mb)
-                for name in w.repaired:
-                    log.warning("unreadable shard %s/%s removed: its items are recomputed", folder, name)
-            jobs.append((t, enc, layer, pooled, w))
+    jobs, writers = _plan_jobs(targets, device, shard_mb)
     stats = {f: {"computed": 0, "skipped": 0, "start": len(w)} for f, w in writers.items()}
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=num_workers)
     start = time.time()
@@ -241,26 +274,8 @@ def precompute_features(
     with torch.no_grad():
         for batch in bar:
             batch = to_device(batch, device)
-            for t, enc, layer, pooled, w in jobs:
-                inp = t.teacher_input(batch)
-                digests = enc.item_digests(inp)
-                if digests is None:
-                    raise TypeError(
-                        f"teacher {type(enc.encoder).__name__}: its input is not a tensor and the encoder has no "
-                        "item_digests(sample) -> list[str], so its features cannot be keyed by content"
-                    )
-                todo = [j for j, d in enumerate(digests) if d not in w]
-                stats[w.folder]["skipped"] += len(digests) - len(todo)
-                if not todo:
-                    continue
-                part = inp if len(todo) == len(digests) else _subset(inp, todo)
-                if part is None:
-                    todo, part = list(range(len(digests))), inp
-                entries = enc.compute_entries(part, layer, pooled)
-                for j, e in zip(todo, entries, strict=True):
-                    if digests[j] not in w:
-                        w.add(digests[j], e)
-                        stats[w.folder]["computed"] += 1
+            for job in jobs:
+                _run_job(job, batch, stats)
             bar.set_postfix(items=sum(len(w) for w in writers.values()))
     for w in writers.values():
         w.close()
