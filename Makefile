@@ -32,14 +32,16 @@ VISION_FEATURES := ++task.teacher_cache_dir=data/cache/vision/teacher
 
 demo: setup
 	@echo "== stage 1: toy flow matching (unirep-train experiment=toy)"
-	$(BIN)/unirep-train experiment=toy
+	$(BIN)/unirep-train experiment=toy trainer.overwrite=true
 	@echo "== stage 2: vision teacher ($(TEACHER); made by unirep-train experiment=vision/teacher_mae if missing)"
 	@test -f $(TEACHER) && echo "$(TEACHER) exists: skipped" || $(BIN)/unirep-train experiment=vision/teacher_mae
 	@echo "== stage 3: teacher features of the vision training set (unirep-features experiment=vision/quickstart)"
 	$(BIN)/unirep-features experiment=vision/quickstart $(VISION_FEATURES)
 	@echo "== stage 4: vision quick start (unirep-train experiment=vision/quickstart)"
 	$(BIN)/unirep-train experiment=vision/quickstart $(VISION_FEATURES)
-	@echo "== stage 5: molecular quick start (unirep-train experiment=molecular/quickstart)"
+	@echo "== stage 5: molecular teacher (data/molecular/foundation_quick; made by unirep-train experiment=molecular/foundation_quick if missing)"
+	@test -d data/molecular/foundation_quick && echo "data/molecular/foundation_quick exists: skipped" || $(BIN)/unirep-train experiment=molecular/foundation_quick
+	@echo "== stage 6: molecular quick start (unirep-train experiment=molecular/quickstart)"
 	$(BIN)/unirep-train experiment=molecular/quickstart
 
 bench: setup

@@ -37,8 +37,7 @@ class MACECalculator(Calculator):
     def __init__(self, model: MACEModel, device: str | torch.device = "cpu", dtype: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if dtype is not None:
-            model = model.to(torch.float64 if dtype in ("float64", "fp64") else torch.float32)
-            model.dtype = next(model.parameters()).dtype
+            model = model.set_dtype("float64" if dtype in ("float64", "fp64") else "float32")
         self.model = model.to(device).eval()
         self.device = torch.device(device)
 

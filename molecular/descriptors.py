@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from molecular.teachers.external import as_atoms_list
+from molecular.teachers.external import _Frozen, as_atoms_list
 from unirep.tokens import TokenSet
 
 __all__ = ["SOAPDescriptor", "ACSFDescriptor", "RadialAngularHistogram", "cosine_cutoff"]
@@ -49,9 +49,17 @@ def _check_species(atoms_list: list, species: Sequence[int], name: str) -> None:
             )
 
 
-class _Descriptor(nn.Module):
+class _Descriptor(_Frozen):
+    """A single-layer encoder (``num_layers`` 0: index 0 = -1 is the descriptor), with the teachers' intermediates
+    contract and content keys from :class:`~molecular.teachers.external._Frozen`."""
+
     layer_names = ["descriptor"]
     dim: int
+    species: list[int]
+
+    @property
+    def elements(self) -> list[int]:  # type: ignore[override]
+        return list(self.species)
 
     def encode(self, sample: Any) -> TokenSet:
         return self.encode_layers(sample)[0]

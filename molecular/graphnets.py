@@ -10,17 +10,20 @@ Two architecturally different message-passing networks, trained on the same labe
   scalar and vector features with equivariant message and update blocks.
 
 Neighbour graphs come from ``molecular.data`` (matscipy neighbour lists), never from pyg-lib/torch-cluster.
-Energies are sums of per-atom outputs; forces are ``-dE/dr`` by autograd. Each model's ``forward_intermediates``
-returns the per-atom scalar features after the embedding and after every interaction block as token sets.
+Energies are sums of per-atom outputs; forces are ``-dE/dr`` by autograd. Each model's
+``forward_intermediates(batch, indices) -> (out, tokens)`` returns energy (and forces) with the per-atom scalar
+features after the embedding (index 0) and after every interaction block (1..L) from the same pass.
 
 :class:`MoleculeSet` builds the data (rdkit conformers of SMILES, Gaussian displacements, GFN2-xTB labels,
-cached on disk) and :class:`GraphNetEncoder` wraps a model as an encoder that loads its checkpoint, or trains
-itself in seconds when the checkpoint is missing (its held-out force MAE becomes its ``quality``).
+cached on disk). Training is a recipe on the one Trainer (:class:`GraphNetTask`,
+``unirep-train experiment=molecular/graphnet``), which exports a checkpoint; :class:`GraphNetEncoder` only loads it
+(its held-out force MAE becomes its ``quality``) and, when it is missing, stops with the command that makes it.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,10 +51,21 @@ from molecular.data import (
     z_lookup,
 )
 from molecular.models import energy_forces_loss
+from unirep.intermediates import feature_take_indices, normalize_index
 from unirep.splits import split_indices
 from unirep.tokens import TokenSet
+from unirep.train.data import DataModule, Task
 
-__all__ = ["SchNet", "PaiNN", "MoleculeSet", "train_graphnet", "evaluate_forces", "GraphNetEncoder"]
+__all__ = [
+    "SchNet",
+    "PaiNN",
+    "MoleculeSet",
+    "MoleculeSetData",
+    "GraphNetTask",
+    "evaluate_forces",
+    "GraphNetEncoder",
+    "graphnet_command",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +100,42 @@ class _Potential(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def layers(self, batch: GraphBatch, positions: Tensor) -> list[Tensor]:
-        """Per-atom features ``[T, hidden]`` after each interaction block, the last one read out."""
+        """Per-atom features ``[T, hidden]`` after the embedding and after each interaction block (1 + L tensors)."""
 
-    def forward_intermediates(self, batch: GraphBatch, indices: Sequence[int] | None = None) -> list[TokenSet]:
-        """Per-atom scalar features after the embedding (index 0) and after each interaction (1..L)."""
-        feats = self.layers(batch, batch.positions.to(self.embedding.weight.dtype))
-        idx = range(len(feats)) if indices is None else indices
-        return [TokenSet(feats[i], batch.batch, batch.positions, batch.num_graphs) for i in idx]
+    @property
+    def num_layers(self) -> int:
+        """L, the number of interaction blocks (intermediates: 0 = embedding, 1..L)."""
+        return len(getattr(self, "interactions", getattr(self, "messages", [])))
 
-    def forward(self, batch: GraphBatch, compute_forces: bool = True) -> dict[str, Tensor]:
-        """``energy[B]`` in eV and ``forces[T, 3]`` in eV/Å."""
+    def feature_dim(self, index: int) -> int:
+        normalize_index(int(index), self.num_layers, type(self).__name__)
+        return self.hidden
+
+    def forward_intermediates(
+        self, batch: GraphBatch, indices: int | Sequence[int] | None = None, compute_forces: bool = True
+    ) -> tuple[dict[str, Tensor], list[TokenSet]]:
+        """``(out, tokens)``: energy (and forces) and the per-atom scalar features at ``indices`` (0: the embedding,
+        k: after interaction k, negative from the end; ``None``: all) from the same pass."""
+        take = feature_take_indices(self.num_layers, indices, type(self).__name__)
         pos = batch.positions.to(self.embedding.weight.dtype)
         if compute_forces:
             pos = pos.detach().requires_grad_(True)
-        h = self.layers(batch, pos)[-1]
-        atom_e = self.readout(h).squeeze(-1).double() * self.scale + self.atomic_energies[self.species(batch.numbers)]
-        energy = torch.zeros(batch.num_graphs, dtype=atom_e.dtype, device=atom_e.device).index_add_(
-            0, batch.batch, atom_e
-        )
-        out = {"energy": energy}
-        if compute_forces:
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
-            out["forces"] = -grad.double()
-        return out
+        with torch.enable_grad() if compute_forces else contextlib.nullcontext():
+            feats = self.layers(batch, pos)
+            atom_e = self.readout(feats[-1]).squeeze(-1).double() * self.scale
+            atom_e = atom_e + self.atomic_energies[self.species(batch.numbers)]
+            energy = torch.zeros(batch.num_graphs, dtype=atom_e.dtype, device=atom_e.device).index_add_(
+                0, batch.batch, atom_e
+            )
+            out = {"energy": energy}
+            if compute_forces:
+                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
+                out["forces"] = -grad.double()
+        return out, [TokenSet(feats[k], batch.batch, batch.positions, batch.num_graphs) for k in take]
+
+    def forward(self, batch: GraphBatch, compute_forces: bool = True) -> dict[str, Tensor]:
+        """``energy[B]`` in eV and ``forces[T, 3]`` in eV/Å."""
+        return self.forward_intermediates(batch, [], compute_forces)[0]
 
 
 class SchNet(_Potential):
@@ -322,51 +349,168 @@ def evaluate_forces(model: _Potential, data: Any, batch_size: int = 64) -> dict[
     return {"force_mae": f_err / n_comp, "energy_mae_per_atom": e_err / n_atoms}
 
 
-def train_graphnet(
-    model: _Potential,
-    train: Any,
-    val: Any | None = None,
-    steps: int = 300,
-    lr: float = 3e-3,
-    batch_size: int = 16,
-    seed: int = 0,
-    energy_weight: float = 1.0,
-    forces_weight: float = 10.0,
-) -> dict[str, float]:
-    """Train on energies and forces (MSE in units of the force RMS) with AdamW and a cosine learning rate."""
-    g = torch.Generator().manual_seed(seed)
-    _fit_references(model, train.data if hasattr(train, "data") else train)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    scale = float(model.scale)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(train), (batch_size,), generator=g).tolist()
-        b = collate_graphs([train[i] for i in idx])
-        out = model(b)
-        # MACE's weighted energy-forces loss (per-atom energy error) on force-RMS-scaled errors
-        loss = energy_forces_loss(
-            out["energy"], out["forces"], b.energy, b.forces, b.num_atoms, energy_weight, forces_weight, scale
-        )["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    return evaluate_forces(model, val) if val is not None else {}
+GRAPHNET_RECIPE = "unirep-train experiment=molecular/graphnet"
+# the graphnet recipe's defaults (configs/experiment/molecular/graphnet.yaml; a test keeps the two equal): the
+# convergence study's 16 H/C/N/O molecules, 2 conformers x 10 displacements, GFN2-xTB labels
+GRAPHNET_DATA = {
+    "smiles": [
+        "CCO",
+        "c1ccccc1",
+        "CC(=O)N",
+        "NCC(=O)O",
+        "CC(C)=O",
+        "Cc1ccccc1",
+        "OC=O",
+        "CN",
+        "CC(=O)Oc1ccccc1C(=O)O",
+        "c1ccncc1",
+        "NC(=O)N",
+        "Oc1ccccc1",
+        "CC(N)C(=O)O",
+        "CCOC(C)=O",
+        "C1CCOC1",
+        "CC#N",
+    ],
+    "num_confs": 2,
+    "num_displacements": 10,
+    "sigma": 0.05,
+    "seed": 0,
+    "calculator": "gfn2",
+    "r_max": 5.0,
+    "cache_dir": "data/cache/converge",
+}
+GRAPHNET_TRAIN = {"steps": 300, "batch_size": 16, "lr": 3e-3}
+_TRAIN_KEYS = {"steps": "trainer.max_steps", "batch_size": "trainer.batch_size", "lr": "optimizer.lr"}
+
+
+class MoleculeSetData(DataModule):
+    """The train / val splits of one :class:`MoleculeSet` as a DataModule of graphs (the graphnet recipe's data).
+
+    ``molecules`` are :class:`MoleculeSet` keyword arguments (``split`` is set here)."""
+
+    def __init__(self, **molecules: Any) -> None:
+        molecules = {
+            k: (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v) for k, v in molecules.items()
+        }
+        super().__init__(
+            train=MoleculeSet(**molecules, split="train").data,
+            val=MoleculeSet(**molecules, split="val").data,
+            collate_fn=collate_graphs,
+            info={"molecules": molecules},
+        )
+
+
+def _save_graphnet(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f"model.safetensors.{os.getpid()}.tmp"
+    save_model(model, str(tmp))  # handles SchNet's shared filter-network tensors (pyg shares them)
+    os.replace(tmp, path / "model.safetensors")
+    tmp_meta = path / f"meta.json.{os.getpid()}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, path / "meta.json")
+
+
+class GraphNetTask(Task):
+    """Train a SchNet / PaiNN on energies and forces on the one Trainer (``experiment=molecular/graphnet``).
+
+    MACE's weighted energy-forces loss (per-atom energy error) on force-RMS-scaled errors; per-element reference
+    energies and the force RMS are fitted on the training split when the task is built. ``evaluate`` reports the
+    held-out force MAE and exports the model as a :class:`GraphNetEncoder` checkpoint (``model.safetensors`` +
+    ``meta.json`` with its ``quality``) at ``export``.
+
+    Args:
+        model: the network.
+        molecules: the :class:`MoleculeSet` arguments of the data (recorded in ``meta.json``; the references are fitted
+            on its training split).
+        energy_weight / forces_weight: λ_E, λ_F.
+        export: folder of the exported checkpoint (``None``: no export).
+        record: what ``meta.json`` stores besides the data: the seed and the training settings (``steps``,
+            ``batch_size``, ``lr``), which :class:`GraphNetEncoder` compares with what it was asked for.
+    """
+
+    def __init__(
+        self,
+        model: _Potential,
+        molecules: dict[str, Any] | None = None,
+        energy_weight: float = 1.0,
+        forces_weight: float = 10.0,
+        export: str | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.energy_weight, self.forces_weight = float(energy_weight), float(forces_weight)
+        self.molecules = json.loads(json.dumps(dict(molecules or {}), default=list))
+        self.export = Path(export) if export else None
+        self.record = json.loads(json.dumps(dict(record or {}), default=list))
+        if self.molecules:
+            _fit_references(self.model, MoleculeSet(**self.molecules, split="train").data)
+
+    def forward(self, batch: GraphBatch, step: int) -> dict[str, Tensor]:
+        out = self.model(batch)
+        losses = energy_forces_loss(
+            out["energy"],
+            out["forces"],
+            batch.energy,
+            batch.forces,
+            batch.num_atoms,
+            self.energy_weight,
+            self.forces_weight,
+            float(self.model.scale),
+        )
+        with torch.no_grad():
+            losses["mae/forces"] = (out["forces"] - batch.forces.double()).abs().mean()
+        return {k: (v if k == "loss" else v.detach()) for k, v in losses.items()}
+
+    def evaluate(self, data: DataModule, out_dir: str | os.PathLike, step: int) -> dict[str, float]:
+        metrics = evaluate_forces(self.model, data.val) if data.val is not None and len(data.val) else {}
+        if self.export is not None:
+            seed = self.record.get("seed", 0)
+            train = {k: v for k, v in self.record.items() if k != "seed"}
+            meta = {"seed": seed, "train": train, "data": self.molecules, "step": step, **metrics}
+            _save_graphnet(self.model, self.export, meta)
+            mae = metrics.get("force_mae", float("nan"))
+            print(f"[graphnet] exported {self.export} (held-out force MAE {mae:.4f} eV/A)", flush=True)
+        return metrics
+
+
+def graphnet_command(model: nn.Module, checkpoint: Path, train: dict[str, Any] | None, seed: int) -> str:
+    """The exact ``unirep-train`` command that makes the checkpoint ``GraphNetEncoder`` was asked to load."""
+    target = f"{type(model).__module__}.{type(model).__name__}"
+    args = [GRAPHNET_RECIPE, f"task.model._target_={target}"]
+    sizes = {"hidden": model.hidden, "num_layers": model.num_layers, "r_max": model.r_max}
+    if hasattr(model, "rbf"):
+        sizes["num_rbf"] = int(model.rbf.offset.numel())
+    elif hasattr(model, "num_rbf"):
+        sizes["num_rbf"] = int(model.num_rbf)
+    args += [f"task.model.{k}={v}" for k, v in sizes.items()]
+    args.append(f"task.model.z_table=[{','.join(map(str, model.z_table))}]")
+    train = dict(train or {})
+    data = dict(train.pop("data", None) or {})
+    for k, v in data.items():
+        if GRAPHNET_DATA.get(k) != (list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v):
+            value = json.dumps(list(v)).replace(" ", "") if isinstance(v, Sequence) and not isinstance(v, str) else v
+            args.append(f"'data.{k}={value}'" if isinstance(value, str) and "[" in value else f"data.{k}={value}")
+    for k, v in {**GRAPHNET_TRAIN, **train}.items():
+        if k in _TRAIN_KEYS:
+            args.append(f"{_TRAIN_KEYS[k]}={v}")
+        else:
+            args.append(f"task.{k}={v}")
+    args += [f"seed={seed}", f"task.export={checkpoint}", f"name=graphnet_{checkpoint.name}"]
+    return " ".join(args)
 
 
 class GraphNetEncoder(nn.Module):
-    """A project-trained graph potential as a frozen encoder (every layer exposed).
+    """A project-trained graph potential as a frozen encoder (every layer exposed); it only loads weights.
 
     Args:
         model: the network (built by hydra from a ``_target_``).
-        checkpoint: folder with ``model.safetensors`` + ``meta.json``; loaded when present, written after training.
-        train: ``None`` keeps the weights as they are (a randomly initialised floor when there is no checkpoint),
-            or keyword arguments: ``data`` (keyword arguments of :class:`MoleculeSet`, split set here), ``steps``,
-            ``lr``, ``batch_size``, ``seed``. The held-out force MAE on the ``val`` split becomes ``quality``.
-        seed: initialisation seed (models differing only in seed are the same-architecture baseline).
+        checkpoint: folder with ``model.safetensors`` + ``meta.json`` (what ``experiment=molecular/graphnet`` exports
+            with ``task.export=<folder>``).
+        train: the settings the checkpoint must have been trained with (``data``: :class:`MoleculeSet` arguments,
+            ``steps``, ``lr``, ``batch_size``): a missing checkpoint, or one trained otherwise, stops with the exact
+            command that makes it. ``None`` with no checkpoint: the randomly initialised floor.
+        seed: initialisation seed of the random floor, and the seed the checkpoint must have been trained with.
     """
 
     def __init__(
@@ -381,55 +525,50 @@ class GraphNetEncoder(nn.Module):
         self.quality: float | None = None
         self.meta: dict[str, Any] = {}
         ckpt = Path(checkpoint) if checkpoint else None
-        if ckpt is not None and (ckpt / "model.safetensors").exists() and not self._stale(ckpt, train, seed):
+        if ckpt is not None:
+            if not (ckpt / "model.safetensors").exists():
+                how = graphnet_command(model, ckpt, train, seed)
+                raise FileNotFoundError(
+                    f"graph-net checkpoint {ckpt} does not exist (no model.safetensors). Make it with\n    {how}\n"
+                    "or fix the path (no checkpoint and no train: the randomly initialised floor)"
+                )
+            if self._stale(ckpt, train, seed):
+                raise ValueError(
+                    f"graph-net checkpoint {ckpt} was trained with other settings, data or seed than asked for "
+                    f"(see its meta.json). Remake it with\n    {graphnet_command(model, ckpt, train, seed)}"
+                )
             self._load(ckpt)
-        elif train is not None:
-            train = dict(train)
-            data_kw = dict(train.pop("data"))
-            self.model.train()
-            t0 = time.time()
-            metrics = train_graphnet(
-                self.model,
-                MoleculeSet(**data_kw, split="train"),
-                MoleculeSet(**data_kw, split="val"),
-                seed=seed,
-                **train,
-            )
-            self.meta = {"seed": seed, "train": train, "data": data_kw, "seconds": time.time() - t0, **metrics}
-            if ckpt is not None:
-                self._save(ckpt)
-        elif ckpt is not None:
-            raise FileNotFoundError(
-                f"graph-net checkpoint {ckpt} does not exist (no model.safetensors): train it "
-                "(give `train:`) or fix the path"
-            )
         self.quality = self.meta.get("force_mae")
         self.model.eval().requires_grad_(False)
         self.dim = self.model.hidden
-        self.layer_names = ["embed"] + [f"interaction{i + 1}" for i in range(self._num_layers())]
+        self.layer_names = ["embed"] + [f"interaction{i + 1}" for i in range(self.model.num_layers)]
+        self.elements = list(self.model.z_table)
 
     @staticmethod
     def _stale(path: Path, train: dict[str, Any] | None, seed: int) -> bool:
-        """A checkpoint trained with other data, settings or seed than asked for is retrained, not reused."""
+        """Whether the checkpoint's meta.json disagrees with the settings asked for (only the keys asked for)."""
         if train is None or not (path / "meta.json").exists():
             return False
         meta = json.loads((path / "meta.json").read_text())
-        train = json.loads(json.dumps(dict(train)))
+        train = json.loads(json.dumps(dict(train), default=list))
         data_kw = train.pop("data", None)
-        stale = meta.get("train") != train or meta.get("data") != data_kw or meta.get("seed") != seed
-        if stale:
-            log.warning("checkpoint %s was trained with other settings: retraining it", path)
+        stored = meta.get("train") or {}
+        stale = any(stored.get(k) != v for k, v in train.items()) or meta.get("seed") != seed
+        if data_kw is not None:
+            stale = stale or meta.get("data") != data_kw
         return stale
 
-    def _num_layers(self) -> int:
-        return len(getattr(self.model, "interactions", getattr(self.model, "messages", [])))
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
 
-    def _save(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f"model.safetensors.{os.getpid()}.tmp"
-        save_model(self.model, str(tmp))  # handles SchNet's shared filter-network tensors (pyg shares them)
-        os.replace(tmp, path / "model.safetensors")
-        (path / "meta.json").write_text(json.dumps(self.meta, indent=1))
+    def feature_dim(self, index: int | None = None) -> int:
+        return self.dim if index is None else self.model.feature_dim(index)
+
+    def item_digests(self, sample: Any) -> list[str]:
+        from molecular.teachers.base import structure_digests
+
+        return structure_digests(sample)
 
     def _load(self, path: Path) -> None:
         try:
@@ -450,10 +589,13 @@ class GraphNetEncoder(nn.Module):
     def train(self, mode: bool = True) -> GraphNetEncoder:  # frozen encoder
         return super().train(False)
 
+    @torch.no_grad()
+    def forward_intermediates(self, sample: GraphBatch, indices: Any = None) -> tuple[dict, list[TokenSet]]:
+        out, feats = self.model.forward_intermediates(sample, indices, compute_forces=False)
+        return {k: v.detach() for k, v in out.items()}, [t.detach() for t in feats]
+
     def encode_layers(self, sample: GraphBatch) -> list[TokenSet]:
-        # PaiNN's / SchNet's features need no gradient; forward_intermediates runs without autograd
-        with torch.no_grad():
-            return [t.detach() for t in self.model.forward_intermediates(sample)]
+        return self.forward_intermediates(sample, None)[1]
 
     def encode(self, sample: GraphBatch) -> TokenSet:
-        return self.encode_layers(sample)[-1]
+        return self.forward_intermediates(sample, [-1])[1][0]

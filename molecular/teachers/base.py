@@ -25,6 +25,7 @@ signal rather than the element identity.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,12 +33,89 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from molecular.data import AtomicGraph, GraphBatch, Structure, collate_graphs
+from molecular.data import GraphBatch
 from molecular.models import default_dtype
 from unirep.converge import group_centre
+from unirep.intermediates import feature_take_indices
 from unirep.tokens import TokenSet, segment_mean
 
-__all__ = ["AtomisticEncoder", "HookEncoder", "AtomsFunctionEncoder", "batch_to_atoms"]
+__all__ = [
+    "AtomisticEncoder",
+    "HookEncoder",
+    "AtomsFunctionEncoder",
+    "batch_to_atoms",
+    "structure_digests",
+    "check_teacher_elements",
+    "teacher_elements",
+]
+
+
+def _digest(numbers: Any, positions: Any, cell: Any = None, pbc: Any = None) -> str:
+    h = hashlib.sha1(b"atoms/1|")
+    for part in (numbers, positions, cell, pbc):
+        if part is None:
+            h.update(b"-")
+            continue
+        arr = part.detach().cpu().numpy() if isinstance(part, Tensor) else np.asarray(part)
+        if arr.dtype.kind == "f":
+            arr = arr.astype(np.float64)
+        elif arr.dtype.kind in "iub":
+            arr = arr.astype(np.int64)
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def structure_digests(sample: Any) -> list[str]:
+    """Content keys of the structures of a sample (the teacher feature cache's keys, see
+    :class:`unirep.encoders.FrozenEncoder`): sha1 of atomic numbers, positions (float64), cell and pbc of each
+    structure of a :class:`~molecular.data.GraphBatch`, or of each ``ase.Atoms`` / ``Structure`` in a list."""
+    if hasattr(sample, "ptr") and hasattr(sample, "numbers"):
+        ptr = sample.ptr.tolist()
+        cell = getattr(sample, "cell", None)
+        pbc = getattr(sample, "pbc", None)
+        return [
+            _digest(
+                sample.numbers[a:b],
+                sample.positions[a:b],
+                None if cell is None else cell[i],
+                None if pbc is None else pbc[i],
+            )
+            for i, (a, b) in enumerate(zip(ptr[:-1], ptr[1:], strict=True))
+        ]
+    items = [sample] if hasattr(sample, "get_positions") else list(sample)
+    out = []
+    for s in items:
+        if hasattr(s, "get_positions"):  # ase.Atoms
+            out.append(_digest(s.numbers, s.positions, np.asarray(s.cell), np.asarray(s.pbc)))
+        else:
+            out.append(_digest(s.numbers, s.positions, getattr(s, "cell", None), getattr(s, "pbc", None)))
+    return out
+
+
+def teacher_elements(teacher: Any) -> list[int] | None:
+    """The atomic numbers a teacher knows (its ``elements`` attribute, through a FrozenEncoder), or ``None``."""
+    inner = getattr(teacher, "encoder", teacher)
+    z = getattr(inner, "elements", None)
+    return None if z is None else sorted(int(v) for v in z)
+
+
+def check_teacher_elements(teacher: Any, numbers: Sequence[int], what: str = "the training data") -> None:
+    """Stop, naming them, when the data holds elements the teacher does not know."""
+    known = teacher_elements(teacher)
+    if known is None:
+        return
+    from ase.data import chemical_symbols
+
+    missing = sorted(set(int(z) for z in numbers) - set(known))
+    if missing:
+        names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in missing)
+        inner = getattr(teacher, "encoder", teacher)
+        raise ValueError(
+            f"teacher {type(inner).__name__} does not know element(s) {names} found in {what}; it knows "
+            f"{[chemical_symbols[z] for z in known]}. Choose a teacher that covers every element of the data, or "
+            "remove those structures"
+        )
 
 
 def batch_to_atoms(batch: GraphBatch) -> list:
@@ -77,9 +155,28 @@ class AtomisticEncoder(nn.Module, abc.ABC):
         self.register_buffer("element_mean", torch.zeros(119, self.dim))
         self.register_buffer("element_mean_fitted", torch.zeros((), dtype=torch.bool))
 
+    #: one layer (index 0 = -1) unless a subclass exposes more (unirep.intermediates)
+    num_layers = 0
+    #: the teacher's features are rotation invariant (an l >= 1 student channel must not be aligned to them)
+    invariant = True
+    #: atomic numbers the teacher knows (``None``: not stated)
+    elements: Sequence[int] | None = None
+
     @abc.abstractmethod
     def features(self, batch: GraphBatch) -> Tensor:
         """Per-atom features ``[T, dim]`` in the batch's atom order."""
+
+    def feature_dim(self, index: int | None = None) -> int:
+        return self.dim
+
+    def item_digests(self, sample: Any) -> list[str]:
+        return structure_digests(sample)
+
+    def forward_intermediates(self, batch: GraphBatch, indices: Any = None) -> tuple[None, list[TokenSet]]:
+        """The one-layer contract: index 0 (= -1) is :meth:`encode`'s output."""
+        take = feature_take_indices(self.num_layers, indices, type(self).__name__)
+        ts = self.encode(batch)
+        return None, [ts for _ in take]
 
     @torch.no_grad()
     def encode(self, batch: GraphBatch) -> TokenSet:
@@ -214,8 +311,3 @@ class AtomsFunctionEncoder(AtomisticEncoder):
     def features(self, batch: GraphBatch) -> Tensor:
         feats = [torch.as_tensor(np.asarray(self.fn(atoms)), dtype=torch.float32) for atoms in batch_to_atoms(batch)]
         return torch.cat(feats).to(batch.positions.device)
-
-
-def structures_batch(structures: Sequence[Structure], r_max: float) -> GraphBatch:
-    """A GraphBatch from structures (for calling a teacher outside a data loader)."""
-    return collate_graphs([AtomicGraph.from_structure(s, r_max) for s in structures])

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from unirep.intermediates import feature_take_indices, normalize_index
 from unirep.tokens import TokenSet
 
 __all__ = ["as_atoms_list", "ANIEncoder", "CHGNetEncoder", "DIEPEncoder", "SO3LREncoder", "SevenNetEncoder"]
@@ -102,13 +103,38 @@ def _keep_default_dtype() -> Iterator[None]:
 
 
 class _Frozen(nn.Module, abc.ABC):
-    """Common parts: frozen, eval mode, ``encode`` = last layer, ``layer_names``."""
+    """Common parts: frozen, eval mode, ``encode`` = last layer, ``layer_names``, and the intermediates contract
+    (:mod:`unirep.intermediates`): ``layer_names[0]`` is index 0 (the embedded atoms where the model exposes them),
+    ``layer_names[k]`` index k; ``num_layers`` = L; content keys for the feature cache (:meth:`item_digests`)."""
 
     dim: int
     layer_names: list[str]
+    layer_dims: list[int] | None = None  # per index; None: every layer is ``dim`` wide
+    elements: list[int] | None = None  # atomic numbers the model knows (None: not stated)
+    invariant = True  # every adapter here returns rotation-invariant per-atom features
 
     def train(self, mode: bool = True) -> _Frozen:  # a pretrained teacher never leaves eval mode
         return super().train(False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names) - 1
+
+    def feature_dim(self, index: int | None = None) -> int:
+        if index is None:
+            return self.dim
+        k = normalize_index(int(index), self.num_layers, type(self).__name__)
+        return int(self.layer_dims[k]) if self.layer_dims else self.dim
+
+    def item_digests(self, sample: Any) -> list[str]:
+        from molecular.teachers.base import structure_digests
+
+        return structure_digests(sample if hasattr(sample, "ptr") else as_atoms_list(sample))
+
+    def forward_intermediates(self, sample: Any, indices: Any = None) -> tuple[None, list[TokenSet]]:
+        take = feature_take_indices(self.num_layers, indices, type(self).__name__)
+        layers = self.encode_layers(sample)
+        return None, [layers[k] for k in take]
 
     def encode(self, sample: Any) -> TokenSet:
         return self.encode_layers(sample)[-1]
@@ -157,7 +183,9 @@ class ANIEncoder(_Frozen):
         self.elements = list(ani.species)  # e.g. ['H', 'C', 'N', 'O']
         self.model_name, self.member = model, member
         self.cache_key = f"ani-{model}-{member}-torchani{torchani.__version__}"
-        self.layer_names = ["aev", "hidden"]
+        self.layer_names = ["aev", "hidden"]  # 0: the AEV (the embedded environment), 1: the hidden layer
+        self.layer_dims = [384, 96]
+        self.elements = [1, 6, 7, 8]
         self.dim = 96
         self.requires_grad_(False)
         self.eval()
@@ -212,8 +240,10 @@ class CHGNetEncoder(_Frozen):
             raise _missing("chgnet", "chgnet") from err
         self.model = CHGNet.load(model_name=model_name, use_device="cpu", verbose=False)
         self.gap = float(gap)
-        self.layer_names = [f"conv{i}" for i in range(len(self.model.atom_conv_layers))]
+        # 0: the atom embedding, k: after atom-convolution layer k
+        self.layer_names = ["embed"] + [f"conv{i}" for i in range(len(self.model.atom_conv_layers))]
         self.dim = 64
+        self.elements = list(range(1, 95))
         self.cache_key = f"chgnet-{model_name}-pkg{chgnet.__version__}-gap{gap}"
         self.requires_grad_(False)
         self.eval()
@@ -227,7 +257,7 @@ class CHGNetEncoder(_Frozen):
         outs: list[Tensor] = []
         hooks = [
             layer.register_forward_hook(lambda m, i, o: outs.append(o.detach()))
-            for layer in self.model.atom_conv_layers
+            for layer in [self.model.atom_embedding, *self.model.atom_conv_layers]
         ]
         try:
             # CHGNet computes forces by autograd inside predict_structure, so grad mode stays on here
@@ -265,8 +295,10 @@ class DIEPEncoder(_Frozen):
             raise _missing("diep", "diep") from err
         self.potential = load_potential(path, stress=False)
         self.layers_ = self.potential.model.graph_layers
-        self.layer_names = [f"graph{i}" for i in range(len(self.layers_))]
+        # 0: the node embedding, k: after graph layer k
+        self.layer_names = ["embed"] + [f"graph{i}" for i in range(len(self.layers_))]
         self.dim = 64
+        self.elements = list(range(1, 90))
         self.gap = float(gap)
         self.cache_key = f"diep-{path or 'fold1'}-pkg{getattr(diep, '__version__', '?')}-gap{gap}"
         self.requires_grad_(False)
@@ -280,8 +312,10 @@ class DIEPEncoder(_Frozen):
         per_layer: list[list[Tensor]] = [[] for _ in self.layer_names]
         for a in atoms:
             outs: list[Tensor] = []
-            # each graph layer returns (edge_feat, node_feat, state_feat)
-            hooks = [layer.register_forward_hook(functools.partial(_keep, outs, 1)) for layer in self.layers_]
+            # the node embedding returns [n, 64]; each graph layer returns (edge_feat, node_feat, state_feat)
+            embed = self.potential.model.embedding.layer_node_embedding
+            hooks = [embed.register_forward_hook(functools.partial(_keep, outs, slice(None)))]
+            hooks += [layer.register_forward_hook(functools.partial(_keep, outs, 1)) for layer in self.layers_]
             try:
                 boxed = _boxed(a, self.gap)
                 boxed.calc = calc

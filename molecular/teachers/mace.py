@@ -22,45 +22,78 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from molecular.data import GraphBatch, regraph
-from molecular.models import MACEModel, default_dtype, import_mace
+from molecular.models import MACEModel, default_dtype, import_mace, load_mace_state
 from molecular.teachers.base import AtomisticEncoder
 from unirep.encoders import FrozenEncoder
+from unirep.intermediates import normalize_index
+from unirep.tokens import TokenSet
 
 __all__ = ["MACEEncoder", "save_mace_model", "load_mace_model", "mace_teacher", "random_mace_teacher"]
 
 
 class MACEEncoder(AtomisticEncoder):
-    """Per-atom node features of chosen interactions of a MACE model, concatenated.
+    """Per-atom node features of a MACE model: its default tokens concatenate chosen layers; every layer is reachable
+    through :meth:`forward_intermediates` (0: node embedding, k: after interaction k, negative from the end).
 
     Args:
         model: a :class:`MACEModel` (built, loaded or wrapping a foreign MACE module).
-        layers: interaction indices (``-1``: the last, MACE-OFF's invariant output layer).
-        invariant: only the scalar (``0e``) channels of each layer, which are rotation invariant.
+        layers: the layers :meth:`encode` concatenates (``-1``: the last, MACE-OFF's invariant output layer).
+        invariant: only rotation-invariant features (``features="scalars"``); ``False``: the full irreps.
+        features: ``scalars``, ``norms`` (scalars plus per-irrep norms) or ``full``; overrides ``invariant``.
         center: subtract per-element means (see :class:`AtomisticEncoder`).
     """
 
     def __init__(
-        self, model: MACEModel, layers: Sequence[int] = (-1,), invariant: bool = True, center: bool = False
+        self,
+        model: MACEModel,
+        layers: Sequence[int] = (-1,),
+        invariant: bool = True,
+        center: bool = False,
+        features: str | None = None,
     ) -> None:
-        layers = [int(i) % model.num_layers for i in layers]
-        dim = sum(model.feature_dim(i, invariant) for i in layers)
+        features = features or ("scalars" if invariant else "full")
+        layers = [normalize_index(int(i), model.num_layers, "MACE teacher") for i in layers]
+        dim = sum(model.feature_dim(i, features) for i in layers)
         super().__init__(dim, center=center, dtype=model.dtype)
         self.model = model.eval().requires_grad_(False)
         self.layers = layers
-        self.invariant = invariant
+        self.features_mode = features
+        self.invariant = not any(model.equivariant_at(i, features) for i in range(model.num_layers + 1))
+        self.elements = list(model.z_table)
+        self.r_max = model.r_max
+
+    @property
+    def num_layers(self) -> int:  # type: ignore[override]
+        return self.model.num_layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.model.layer_names
+
+    def feature_dim(self, index: int | None = None) -> int:
+        return self.dim if index is None else self.model.feature_dim(index, self.features_mode)
+
+    @torch.no_grad()
+    def forward_intermediates(self, batch: GraphBatch, indices: Any = None) -> tuple[dict, list[TokenSet]]:
+        """``(energy, tokens)`` of the teacher on its own neighbour graph (its cutoff, not the student's)."""
+        batch = regraph(batch, self.model.r_max)
+        with default_dtype(self.model.dtype):
+            out, feats = self.model.forward_intermediates(
+                batch, indices, features=self.features_mode, compute_forces=False, training=False
+            )
+        tokens = [TokenSet(t.x.detach().float(), t.batch, t.pos.float(), t.num_items) for t in feats]
+        return {"energy": out["energy"].detach()}, tokens
 
     def features(self, batch: GraphBatch) -> Tensor:
-        # the teacher's own cutoff decides its neighbours, not the student's graph
-        batch = regraph(batch, self.model.r_max)
-        out = self.model(batch, compute_forces=False, training=False)
-        parts = self.model.split_features(out["node_feats"].detach(), batch, self.layers, self.invariant)
-        return torch.cat([p.x for p in parts], dim=-1)
+        _, feats = self.forward_intermediates(batch, self.layers)
+        return torch.cat([t.x for t in feats], dim=-1)
 
 
 def save_mace_model(model: MACEModel, path: str | os.PathLike) -> Path:
@@ -80,21 +113,22 @@ def save_mace_model(model: MACEModel, path: str | os.PathLike) -> Path:
 def _load_project_format(folder: Path, dtype: str | None) -> MACEModel:
     meta = json.loads((folder / "model.json").read_text())
     config = dict(meta["config"])
+    # files written before these arguments existed were built with MACE's class defaults
+    config.setdefault("interaction_first", config.get("interaction", "RealAgnosticResidualInteractionBlock"))
+    config.setdefault("use_reduced_cg", True)
+    config.setdefault("dtype", "float32")
     if dtype is not None:
         config["dtype"] = dtype
     model = MACEModel(**config)
     state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
-    )
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder}: weights do not match model.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    try:
+        load_mace_state(model, state)
+    except ValueError as err:
+        raise ValueError(f"{folder}: weights do not match model.json ({err})") from err
     return model
 
 
-def _load_pickled(path: Path, dtype: str | None) -> MACEModel:
+def _load_pickled(path: Path, dtype: str | None, rebuild: bool = False) -> MACEModel:
     import_mace()  # the pickle refers to mace.modules classes
     warnings.warn(
         f"unpickling {path} with torch.load(weights_only=False): this runs code stored in the file. Only do this "
@@ -108,17 +142,24 @@ def _load_pickled(path: Path, dtype: str | None) -> MACEModel:
             f"{path}: holds a state dict without hyperparameters; save the model in the project format "
             f"(molecular.teachers.save_mace_model) or as a whole MACE model"
         )
+    if rebuild:  # a MACEModel with constructor arguments (savable in the project format), the same weights
+        model = MACEModel.from_mace(obj)
+        return model if dtype is None else model.set_dtype(dtype)
     model = MACEModel.wrap(obj)
-    if dtype is not None:
-        model.mace.to(torch.float64 if dtype in ("float64", "fp64") else torch.float32)
-        model.dtype = next(model.mace.parameters()).dtype
-    return model
+    return model if dtype is None else model.set_dtype(dtype)
 
 
 def load_mace_model(
-    path: str | os.PathLike, trust_pickle: bool = False, dtype: str | None = None, trust_config: bool = False
+    path: str | os.PathLike,
+    trust_pickle: bool = False,
+    dtype: str | None = None,
+    trust_config: bool = False,
+    rebuild: bool = False,
 ) -> MACEModel:
-    """Load a MACE model from a local path in any of the three formats (see the module docstring)."""
+    """Load a MACE model from a local path in any of the three formats (see the module docstring).
+
+    ``rebuild=True`` turns a pickled ScaleShiftMACE into a :class:`MACEModel` with constructor arguments
+    (:meth:`MACEModel.from_mace`, weights bit for bit), as fine-tuning needs; otherwise it is adopted as it is."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -140,13 +181,13 @@ def load_mace_model(
         model = task.model
         if not isinstance(model, MACEModel):
             raise TypeError(f"{path}: checkpoint's task.model is {type(model).__name__}, not a MACEModel")
-        return model.to(torch.float64) if dtype in ("float64", "fp64") else model
+        return model if dtype is None else model.set_dtype(dtype)
     if not trust_pickle:
         raise PermissionError(
             f"{path} is a pickled MACE model: loading it executes code from the file. Pass trust_pickle=True "
             f"(config: task.teacher.trust_pickle=true) if the file comes from a source you trust"
         )
-    return _load_pickled(path, dtype)
+    return _load_pickled(path, dtype, rebuild=rebuild)
 
 
 def mace_teacher(
@@ -160,15 +201,19 @@ def mace_teacher(
     random_init: bool = False,
     z_table: Sequence[int] = (1, 6, 7, 8, 9),
     trust_config: bool = False,
+    features: str | None = None,
 ) -> FrozenEncoder:
-    """A frozen MACE teacher from a local file, with the per-structure feature cache (hydra target).
+    """A frozen MACE teacher from a local file, with the content-keyed feature cache (hydra target).
 
-    ``random_init=True`` ignores ``path`` and gives :func:`random_mace_teacher` over ``z_table`` (smoke runs).
+    ``layers`` are :meth:`MACEEncoder.encode`'s default layers (0: node embedding, k: interaction k, -1: the last);
+    an alignment term reads any other layer with ``target.layer``. ``random_init=True`` ignores ``path`` and gives
+    :func:`random_mace_teacher` over ``z_table`` (smoke runs).
     """
     if random_init:
         return random_mace_teacher(z_table, layers=layers, cache_dir=None)
     model = load_mace_model(path, trust_pickle=trust_pickle, dtype=dtype, trust_config=trust_config)
-    return FrozenEncoder(MACEEncoder(model, layers=layers, invariant=invariant, center=center), cache_dir=cache_dir)
+    encoder = MACEEncoder(model, layers=layers, invariant=invariant, center=center, features=features)
+    return FrozenEncoder(encoder, cache_dir=cache_dir)
 
 
 def random_mace_teacher(
@@ -180,6 +225,7 @@ def random_mace_teacher(
     num_interactions: int = 1,
     layers: Sequence[int] = (-1,),
     cache_dir: str | None = None,
+    max_ell: int = 2,
 ) -> FrozenEncoder:
     """A tiny randomly initialised MACE teacher (smoke runs and tests; it carries no knowledge)."""
     with torch.random.fork_rng(devices=[]):
@@ -192,7 +238,8 @@ def random_mace_teacher(
             num_interactions=num_interactions,
             radial_mlp=(16,),
             mlp_irreps="8x0e",
-            max_ell=2,
+            max_ell=max_ell,
             correlation=2,
+            dtype="float32",
         )
     return FrozenEncoder(MACEEncoder(model, layers=layers), cache_dir=cache_dir)

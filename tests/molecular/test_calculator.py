@@ -9,30 +9,43 @@ import torch
 
 from molecular.calculator import MACECalculator
 from molecular.data import read_structures
-from molecular.quickstart import pretrain_mace
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "molecular_sample"
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "molecular_sample"
 
 
 @pytest.fixture(scope="module")
-def trained():
-    # a tiny MACE fitted for a few seconds on the committed GFN2-xTB ethanol MD frames, in float64
-    return pretrain_mace(
-        SAMPLE / "md_ethanol.extxyz",
-        [1, 6, 8],
-        steps=100,
-        batch_size=8,
-        seed=0,
-        r_max=4.0,
-        num_channels=8,
-        max_L=1,
-        num_interactions=2,
-        max_ell=2,
-        correlation=2,
-        radial_mlp=(16,),
-        mlp_irreps="8x0e",
-        dtype="float64",
-    )
+def trained(tmp_path_factory):
+    # a tiny MACE fitted for a few seconds on the committed GFN2-xTB ethanol MD frames, in float64, by the mace recipe
+    # on the one Trainer (EMA 0.99 with warm-up)
+    from unirep.cli import compose, run_train
+    from unirep.train import load_task
+
+    out = tmp_path_factory.mktemp("calc")
+    overrides = [
+        "experiment=molecular/mace",
+        f"data.train={SAMPLE / 'md_ethanol.extxyz'}",
+        "data.n_val=4",
+        "data.generate=null",
+        "data.cache_dir=null",
+        "data.r_max=4.0",
+        "task.model.num_channels=8",
+        "task.model.max_ell=2",
+        "task.model.correlation=2",
+        "task.model.radial_mlp=[16]",
+        "task.model.mlp_irreps=8x0e",
+        "trainer.max_steps=100",
+        "trainer.batch_size=8",
+        "trainer.ema_decay=0.99",
+        "trainer.eval_at_end=false",
+        "trainer.ckpt_every=100",
+        "trainer.progress=false",
+        "trainer.tensorboard=false",
+        "trainer.num_threads=1",
+        f"out_dir={out}",
+    ]
+    task, _ = load_task(run_train(compose("train", overrides))["checkpoint"], ema=True)
+    return task.model.eval()
 
 
 def _nve_deviation(model, dt_fs: float, duration_fs: float = 30.0) -> tuple[float, float]:

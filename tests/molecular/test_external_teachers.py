@@ -76,7 +76,8 @@ def test_chgnet_layers_match_its_own_atom_features():
     enc = CHGNetEncoder("0.3.0")
     mols = _mols()
     layers = enc.encode_layers(mols)
-    _check_layers(layers, [len(m) for m in mols], [64] * 4)
+    _check_layers(layers, [len(m) for m in mols], [64] * 5)
+    assert enc.layer_names[0] == "embed" and enc.num_layers == 4
     ref = enc.model.predict_structure(AseAtomsAdaptor.get_structure(_boxed(mols[1], enc.gap)), return_atom_feas=True)
     # CHGNet's own atom_fea is the output of the second-to-last conv layer (where it reads magnetic moments)
     got = layers[-2].x[layers[-2].batch == 1]

@@ -70,10 +70,10 @@ def test_e3_equivariance_batched_with_transformed_copy(model64, ethanol, reflect
     assert abs(float(e[0] - e[1])) < 1e-9
     # forces rotate with the structure and follow the permutation
     np.testing.assert_allclose(f[n:], (f[:n] @ rot.T)[perm], atol=1e-9)
-    # invariant features are invariant, per atom
-    t0, t1 = model64.split_features(out["node_feats"].detach(), _batch([ethanol, moved]), [0, 1])
-    for t in (t0, t1):
-        np.testing.assert_allclose(t.x[n:].numpy(), t.x[:n].numpy()[perm], atol=1e-9)
+    # invariant features are invariant, per atom, at every index (0 = embedding, 1..L = interactions)
+    _, feats = model64.forward_intermediates(_batch([ethanol, moved]), None, training=False)
+    for t in feats:
+        np.testing.assert_allclose(t.x[n:].detach().numpy(), t.x[:n].detach().numpy()[perm], atol=1e-9)
 
 
 def test_forces_are_minus_energy_gradient(model64, ethanol):
@@ -98,23 +98,114 @@ def test_float32_matches_float64(model64, ethanol):
     assert float(e32) == pytest.approx(float(e64), abs=1e-3)
 
 
-def test_intermediates_shapes_and_backward(model64, ethanol):
+def test_intermediates_contract_shapes_and_backward(model64, ethanol):
     b = _batch([ethanol, ethanol])
-    inv = model64.forward_intermediates(b)
-    full = model64.forward_intermediates(b, indices=[0], invariant=False)
-    assert [t.dim for t in inv] == [8, 8] and full[0].dim == 8 * 4  # 8x0e + 8x1o
+    assert model64.num_layers == 2 and model64.layer_names == ["embedding", "interaction1", "interaction2"]
+    out, inv = model64.forward_intermediates(b, None, training=False)
+    assert [t.dim for t in inv] == [8, 8, 8] and [model64.feature_dim(i) for i in (0, 1, 2, -1)] == [8, 8, 8, 8]
+    _, full = model64.forward_intermediates(b, [1], features="full", training=False)
+    assert full[0].dim == 8 * 4 == model64.feature_dim(1, "full")  # 8x0e + 8x1o
+    _, norms = model64.forward_intermediates(b, [1], features="norms", training=False)
+    assert norms[0].dim == 16 == model64.feature_dim(1, "norms")  # 8 scalars + 8 vector norms
+    assert model64.equivariant_at(1, "full") and not model64.equivariant_at(1, "norms")
     assert inv[0].num_items == 2 and torch.equal(inv[0].batch, b.batch)
-    with pytest.raises(IndexError):
-        model64.forward_intermediates(b, indices=[2])
-    # training forward: every parameter gets a finite gradient from an energy + force loss
+    # out is what forward returns, from the same pass
+    ref = model64(b, training=False)
+    torch.testing.assert_close(out["energy"], ref["energy"])
+    torch.testing.assert_close(out["forces"], ref["forces"])
+    # negative indices count from the end; 0 is the node embedding (a linear map of the one-hot species)
+    _, (last, first) = model64.forward_intermediates(b, [-1, -3], training=False)
+    torch.testing.assert_close(last.x, inv[2].x) and torch.testing.assert_close(first.x, inv[0].x)
+    assert torch.equal(inv[0].x[: len(ethanol)], inv[0].x[len(ethanol) :])
+    with pytest.raises(ValueError, match="outside the MACE model's layers"):
+        model64.forward_intermediates(b, indices=[3])
+    # training forward: every parameter gets a finite gradient from an energy + force loss + a feature loss
     model64.train()
-    out = model64(b)
-    loss = out["energy"].square().sum() + out["forces"].square().mean()
+    out, feats = model64.forward_intermediates(b, [1])
+    loss = out["energy"].square().sum() + out["forces"].square().mean() + feats[0].x.square().mean()
     loss.backward()
     model64.eval()
     for name, p in model64.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     model64.zero_grad()
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_invariant_contraction_is_rotation_invariant_in_float64(model64, ethanol, reflect):
+    """Per-irrep norms of the l >= 1 channels (features="norms") are O(3) invariant to 1e-10 in float64; the full
+    irreps are not (they rotate), which is why aligning them to an invariant teacher is refused."""
+    rot = _random_orthogonal(11 + reflect, reflect)
+    moved = Structure(ethanol.numbers, ethanol.positions @ rot.T + 0.3)
+    b = _batch([ethanol, moved])
+    n = len(ethanol)
+    _, (norms,) = model64.forward_intermediates(b, [1], features="norms", training=False)
+    np.testing.assert_allclose(norms.x[n:].detach().numpy(), norms.x[:n].detach().numpy(), atol=1e-10)
+    _, (full,) = model64.forward_intermediates(b, [1], features="full", training=False)
+    assert (full.x[n:] - full.x[:n]).abs().max() > 1e-3
+    # the norms' gradient is finite even where a vector channel vanishes
+    x = torch.zeros(3, 8 * 4, dtype=torch.float64, requires_grad=True)
+    from molecular.models import contract_irreps
+
+    contract_irreps(x, model64.layer_irreps[1], "norms").sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def _mace_run_train_model(z_table, atomic_energies, scale, avg_num_neighbors):
+    """A ScaleShiftMACE built as mace_run_train builds `--model MACE` (mace/tools/model_script_utils.py)."""
+    from molecular.models import import_mace
+
+    modules = import_mace()  # first: e3nn's import needs the environment import_mace sets up
+    from e3nn import o3
+
+    with default_dtype("float64"):
+        return modules.ScaleShiftMACE(
+            r_max=R_MAX,
+            num_bessel=8,
+            num_polynomial_cutoff=5,
+            max_ell=2,
+            interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticInteractionBlock"],
+            num_interactions=2,
+            num_elements=len(z_table),
+            hidden_irreps=o3.Irreps("8x0e + 8x1o"),
+            atomic_energies=np.asarray(atomic_energies),
+            avg_num_neighbors=avg_num_neighbors,
+            atomic_numbers=list(z_table),
+            correlation=2,
+            gate=modules.gate_dict["silu"],
+            MLP_irreps=o3.Irreps("16x0e"),
+            atomic_inter_scale=scale,
+            atomic_inter_shift=[0.0],
+            radial_MLP=[16, 16],
+            use_reduced_cg=False,
+        )
+
+
+def test_macemodel_equals_scaleshiftmace_both_ways(ethanol):
+    """MACEModel vs mace-torch's own ScaleShiftMACE with identical weights: energies and forces agree to 1e-12 in
+    float64; weights load across in both directions (E0s [1, n] vs [n], scale [1] vs [])."""
+    from molecular.models import load_mace_state
+
+    torch.manual_seed(3)
+    theirs = _mace_run_train_model([1, 6, 8], [-13.6, -1029.8, -2041.0], 1.7, 9.5)
+    ours = MACEModel.from_mace(theirs)
+    assert ours.config["use_reduced_cg"] is False and ours.config["interaction_first"] == "RealAgnosticInteractionBlock"
+    assert ours.config["radial_mlp"] == [16, 16] and ours.config["max_ell"] == 2 and ours.z_table == [1, 6, 8]
+    b = _batch([ethanol])
+    mine = ours(b, training=False)
+    ref = theirs(ours._inputs(b), training=False, compute_force=True)
+    assert abs(float((mine["energy"] - ref["energy"]).detach())) < 1e-12
+    assert float((mine["forces"] - ref["forces"]).abs().max()) < 1e-12
+    # the other way: our weights (stored with 1-d E0s and a 0-d scale) into a fresh mace-torch model
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    state["mace.atomic_energies_fn.atomic_energies"] = state["mace.atomic_energies_fn.atomic_energies"].reshape(-1)
+    state["mace.scale_shift.scale"] = state["mace.scale_shift.scale"].reshape(())
+    fresh = _mace_run_train_model([1, 6, 8], [0.0, 0.0, 0.0], 1.0, 9.5)
+    load_mace_state(fresh, state)
+    again = fresh(ours._inputs(b), training=False, compute_force=True)
+    assert abs(float((again["energy"] - mine["energy"]).detach())) < 1e-12
+    with pytest.raises(ValueError, match="shape"):
+        load_mace_state(fresh, {"mace.atomic_energies_fn.atomic_energies": torch.zeros(5)})
 
 
 def test_unknown_element_is_named(model64):
@@ -178,7 +269,7 @@ def test_statistics_come_from_the_training_split_only(tmp_path):
             mlp_irreps="4x0e",
             dtype="float64",
         )
-        MaceTask(model, statistics_from=statistics_from)
+        MaceTask(model, statistics_from=statistics_from, statistics=["e0s", "scale_shift", "avg_num_neighbors"])
         return np.array(model.config["atomic_energies"]), model.config["shift"]
 
     expected = np.array(fit_atomic_energies(train_frames, [1, 6, 8]))

@@ -35,6 +35,7 @@ def teacher_model():
         correlation=2,
         radial_mlp=(16,),
         mlp_irreps="8x0e",
+        dtype="float32",
     )
 
 
@@ -45,16 +46,32 @@ def batch():
 
 
 def test_mace_encoder_protocol_and_own_cutoff(teacher_model, batch):
-    enc = MACEEncoder(teacher_model, layers=(0, -1))
-    assert isinstance(enc, Encoder) and enc.dim == 16
+    enc = MACEEncoder(teacher_model, layers=(1, -1))  # interactions 1 and 2 (0 would be the node embedding)
+    assert isinstance(enc, Encoder) and enc.dim == 16 and enc.num_layers == 2 and enc.invariant
     ts = enc.encode(batch)
     assert ts.x.shape == (batch.numbers.numel(), 16) and ts.num_items == 6
     from molecular.data import regraph
 
-    ref = teacher_model.forward_intermediates(regraph(batch, 4.5), [0, 1])
-    torch.testing.assert_close(ts.x, torch.cat([t.x for t in ref], -1))
-    short = teacher_model.forward_intermediates(batch, [1])[0].x
-    assert not torch.allclose(short, ref[1].x)  # the 3 Å graph would have given other features
+    _, ref = teacher_model.forward_intermediates(regraph(batch, 4.5), [1, 2], training=False)
+    torch.testing.assert_close(ts.x, torch.cat([t.x.detach() for t in ref], -1))
+    _, (short,) = teacher_model.forward_intermediates(batch, [2], training=False)
+    assert not torch.allclose(short.x, ref[1].x)  # the 3 Å graph would have given other features
+    # the intermediates contract at any layer, through the FrozenEncoder a TeacherTarget uses
+    out, every = enc.forward_intermediates(batch, None)
+    assert len(every) == 3 and [t.dim for t in every] == [enc.feature_dim(k) for k in range(3)]
+    assert out["energy"].shape == (6,)
+    frozen = FrozenEncoder(enc)
+    torch.testing.assert_close(frozen.encode(batch, layer=1).x, ref[0].x.detach().float())
+    assert not MACEEncoder(teacher_model, invariant=False).invariant  # full irreps of interaction 1
+
+
+def test_teacher_missing_an_element_of_the_data_is_named(teacher_model):
+    from molecular.teachers.base import check_teacher_elements
+
+    teacher = FrozenEncoder(MACEEncoder(teacher_model))
+    check_teacher_elements(teacher, [1, 6, 8])
+    with pytest.raises(ValueError, match=r"does not know element\(s\) S \(Z=16\)"):
+        check_teacher_elements(teacher, [1, 6, 16])
 
 
 def test_project_format_round_trip(tmp_path, teacher_model, batch):
@@ -89,15 +106,15 @@ def test_hook_encoder_matches_direct_features(teacher_model, batch):
     hook = HookEncoder(
         teacher_model.mace,
         "products.0",
-        dim=teacher_model.layer_dims[0],
+        dim=teacher_model.feature_dim(1, "full"),
         prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}),
     )
-    direct = teacher_model.forward_intermediates(graph, [0], invariant=False)[0].x
+    direct = teacher_model.forward_intermediates(graph, [1], features="full", training=False)[1][0].x.detach()
     torch.testing.assert_close(hook.encode(batch).x, direct)
     per = HookEncoder(
         teacher_model.mace,
         "products.0",
-        dim=teacher_model.layer_dims[0],
+        dim=teacher_model.feature_dim(1, "full"),
         per_structure=True,
         prepare=lambda b: ((teacher_model._inputs(regraph(b, 4.5)),), {"compute_force": False}),
     )
@@ -127,15 +144,27 @@ def test_atoms_function_encoder_and_element_centering(batch):
 
 
 def test_teacher_cache_equals_recomputed(tmp_path, batch):
+    """Content-keyed features (item_digests: numbers, positions, cell per structure): precomputed shards of one teacher
+    are read by a fresh instance with the same weights, equal the recomputed features, and never serve another."""
+    from torch import nn
+
+    from molecular.data import collate_graphs
+    from unirep.align import TeacherTarget
+    from unirep.features import precompute_features
+
     teacher = random_mace_teacher([1, 6, 7, 8, 9], seed=3, cache_dir=str(tmp_path))
-    first = teacher.encode(batch, ids=batch.ids)
-    assert teacher.misses == 1
+    digests = teacher.item_digests(batch)
+    assert len(set(digests)) == 6 and digests[4] == teacher.item_digests(batch.select([4]))[0]
+    holder = nn.Module()
+    holder.target = TeacherTarget(encoder=teacher, input_key=None)
+    ds = AtomsDataset(read_structures(SAMPLE / "broad.extxyz")[:6], r_max=3.0)
+    precompute_features(holder, ds, collate_fn=collate_graphs, batch_size=3, progress=False)
     fresh = random_mace_teacher([1, 6, 7, 8, 9], seed=3, cache_dir=str(tmp_path))  # new process, same weights
     sub = batch.select([4, 1])
-    cached = fresh.encode(sub, ids=sub.ids)
+    cached = fresh.encode(sub)
     assert fresh.hits == 1 and fresh.misses == 0
     torch.testing.assert_close(cached.x, fresh.encoder.encode(sub).x)  # cached == recomputed
-    torch.testing.assert_close(cached.x, first.select([4, 1]).x)
+    torch.testing.assert_close(cached.x, teacher.encoder.encode(batch).select([4, 1]).x)
     other = random_mace_teacher([1, 6, 7, 8, 9], seed=4, cache_dir=str(tmp_path))
     assert other.cache_key != fresh.cache_key  # other weights never read stale features
     assert isinstance(teacher, FrozenEncoder)
