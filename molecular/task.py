@@ -450,6 +450,10 @@ class MaceTask(Task):
             n = ref.num_atoms
             for k, v in prediction_metrics(p["energy"], p["forces"], ref.energy, ref.forces, n).items():
                 metrics[f"{name}/{k}"] = v
+            # the weighted training loss on this set (mace's validation loss, what ReduceLROnPlateau watches)
+            w_e, w_f = self.loss_weights(step)
+            loss = energy_forces_loss(p["energy"], p["forces"], ref.energy, ref.forces, n, w_e, w_f)["loss"]
+            metrics[f"{name}/loss"] = float(loss)
             mean_e = float((ref.energy / n).mean())
             plot[name] = {
                 "true_e": (ref.energy / n - mean_e).numpy(),

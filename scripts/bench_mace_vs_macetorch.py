@@ -242,6 +242,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bench/mace_vs_macetorch")
     args = p.parse_args()
     os.chdir(ROOT)
+    args.out = str(Path(args.out).resolve())  # mace_run_train runs in its own work_dir
     train, val = _split(args)
     z_table = sorted({int(z) for s in train.structures for z in s.numbers})
     e0, scale = _statistics(train, z_table)

@@ -40,7 +40,7 @@ def test_mace_repa_smoke_run_reports_errors_and_alignment_floor(tmp_path, monkey
     monkeypatch.chdir(ROOT)  # configs name repository-relative data paths
     out = tmp_path / "repa"
     ev = run_train(_smoke_cfg("mace_repa", out))["eval"]
-    assert np.isfinite(ev["val/f_mae_meV_A"]) and np.isfinite(ev["val/e_mae_meV"])
+    assert np.isfinite(ev["val/f_mae_meV_A"]) and np.isfinite(ev["val/e_mae_meV"]) and ev["val/loss"] > 0
     for key in ("val_cos", "fit_real", "floor_shuffled", "floor_element_mean"):
         assert -1.0 <= ev[f"align/repa/{key}"] <= 1.0, key
     assert list(out.glob("eval_step*.json")) and list(out.glob("parity_step*.png"))
