@@ -95,3 +95,17 @@ def test_stage_two_reweights_the_last_part_of_training():
     task = MaceTask(_student(), stage_two={"enabled": True, "start": 10, "energy_weight": 1000.0})
     assert task.loss_weights(9) == (1.0, 100.0) and task.loss_weights(10) == (1000.0, 100.0)
     assert MaceTask(_student(), stage_two={"enabled": False}).stage_two is None
+
+
+def test_z_table_comes_from_the_training_split():
+    from molecular.data import StructureError
+    from molecular.task import TrainingElements
+
+    path = str(SAMPLE / "md_ethanol.extxyz")
+    assert TrainingElements(path, n_val=4, r_max=4.0, cache_dir=None) == [1, 6, 8]  # mace_run_train: from the data
+    assert TrainingElements(path, n_val=4, include=[9], cache_dir=None) == [1, 6, 8, 9]
+    assert TrainingElements(path, elements=[1, 6, 7, 8], cache_dir=None) == [1, 6, 7, 8]
+    with pytest.raises(StructureError, match=r"lacks atomic numbers \[8\]"):
+        TrainingElements(path, elements=[1, 6], cache_dir=None)
+    with pytest.raises(FileNotFoundError, match="task.model.z_table"):
+        TrainingElements(str(SAMPLE / "nowhere.extxyz"))
