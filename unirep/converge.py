@@ -535,10 +535,33 @@ def compare(
             same n and preprocessing, mean of ``floor_draws``) and ``floor_gain`` (the gain over it).
         intrinsic_dimension: add TwoNN intrinsic dimension rows per model, layer and level (``per_model``).
     """
-    from tqdm.auto import tqdm
+    _check_same_items(features, levels)
+    ref = features[0]
+    fns = _metric_fns(metrics)
+    if any(m.base in _ANCHOR_METRICS for m in fns) and anchor_space < 1:
+        raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1 shared anchors")
+    g = torch.Generator().manual_seed(seed)
+    token_index = _subsample(ref.batch.numel(), max_tokens, g)
+    group_index = _group_index(ref, levels, min_group_tokens, max_tokens, g)
+    result = ConvergenceResult(
+        lower={m.label for m in fns if not m.higher_is_better},
+        asymmetric={m.label for m in fns if m.base in _ASYMMETRIC},
+    )
+    anchor_cfg = (anchors, anchor_space, anchor_sampling, seed, preprocess)
+    for level in levels:
+        prepared, extras = _prepare_all(features, level, token_index, group_index, fns, anchor_cfg, result)
+        start = len(result.rows)
+        _score_pairs(features, prepared, extras, fns, level, result, progress)
+        if intrinsic_dimension:
+            _intrinsic_rows(features, prepared, level, result)
+        do_null = null_permutations > 0 and (null_levels is None or level in null_levels)
+        if do_null or width_floor:
+            calib = (null_permutations if do_null else 0, null_metrics, width_floor, floor_draws, seed, preprocess)
+            _calibrate(features, prepared, extras, fns, level, result, start, calib, anchors, progress)
+    return result
 
-    import unirep.metrics as M
 
+def _check_same_items(features: Sequence[ModelFeatures], levels: Sequence[str]) -> None:
     if len(features) < 2:
         raise ValueError(f"a convergence study needs at least two models, got {len(features)}")
     ref = features[0]
@@ -553,111 +576,133 @@ def compare(
                 f"model {f.name!r} has {f.batch.numel()} tokens but {ref.name!r} has {ref.batch.numel()} "
                 "(or a different number per item): token levels need the same tokens; use levels: [item]"
             )
-    fns = _metric_fns(metrics)
-    if any(m.base in _ANCHOR_METRICS for m in fns) and anchor_space < 1:
-        raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1 shared anchors")
-    g = torch.Generator().manual_seed(seed)
-    token_index = _subsample(ref.batch.numel(), max_tokens, g)
-    group_index = None
-    if "token_per_group" in levels and ref.groups is not None:
-        group_index = {}
-        for grp in torch.unique(ref.groups).tolist():
-            members = (ref.groups == grp).nonzero().squeeze(1)
-            if members.numel() >= min_group_tokens:
-                group_index[grp] = members[_subsample(members.numel(), max_tokens, g)]
-        if not group_index:
-            raise ValueError(f"no group has at least min_group_tokens={min_group_tokens} tokens")
 
-    result = ConvergenceResult(
-        lower={m.label for m in fns if not m.higher_is_better},
-        asymmetric={m.label for m in fns if m.base in _ASYMMETRIC},
-    )
-    wanted_null = set(null_metrics) if null_metrics is not None else None
-    for level in levels:
-        raw = {
-            (f.name, li): _level_parts(f, li, level, token_index, group_index)
-            for f in features
-            for li in range(len(f.layers))
-        }
-        n_parts = len(raw[(ref.name, 0)])
-        need_anchors = anchors > 0 or any(m.base in _ANCHOR_METRICS for m in fns)
-        shared: list[Tensor | None] = [None] * n_parts
-        if need_anchors:
-            k = max(anchors, anchor_space)
-            shared = [
-                shared_anchors(
-                    [raw[(f.name, len(f.layers) - 1)][p][1] for f in features], k, anchor_sampling, seed, preprocess
-                )
-                for p in range(n_parts)
-            ]
-        prepared = {
-            key: _Prepared(
-                [
-                    (w, _finish(x, preprocess, shared[p][:anchors] if anchors > 0 else None))
-                    for p, (w, x) in enumerate(parts)
-                ]
+
+def _group_index(
+    ref: ModelFeatures, levels: Sequence[str], min_group_tokens: int, max_tokens: int | None, g: torch.Generator
+) -> dict[int, Tensor] | None:
+    """Per group (element), the subsampled token indices of ``token_per_group``; ``None`` when not needed."""
+    if "token_per_group" not in levels or ref.groups is None:
+        return None
+    group_index = {}
+    for grp in torch.unique(ref.groups).tolist():
+        members = (ref.groups == grp).nonzero().squeeze(1)
+        if members.numel() >= min_group_tokens:
+            group_index[grp] = members[_subsample(members.numel(), max_tokens, g)]
+    if not group_index:
+        raise ValueError(f"no group has at least min_group_tokens={min_group_tokens} tokens")
+    return group_index
+
+
+def _prepare_all(
+    features: Sequence[ModelFeatures],
+    level: str,
+    token_index: Tensor,
+    group_index: dict[int, Tensor] | None,
+    fns: list[_Metric],
+    anchor_cfg: tuple,
+    result: ConvergenceResult,
+) -> tuple[dict[tuple[str, int], _Prepared], list[dict[str, Any]]]:
+    """Every (model, layer)'s parts at ``level``, preprocessed, with the shared anchors of the anchor metrics."""
+    import unirep.metrics as M
+
+    anchors, anchor_space, anchor_sampling, seed, preprocess = anchor_cfg
+    ref = features[0]
+    raw = {
+        (f.name, li): _level_parts(f, li, level, token_index, group_index)
+        for f in features
+        for li in range(len(f.layers))
+    }
+    n_parts = len(raw[(ref.name, 0)])
+    shared: list[Tensor | None] = [None] * n_parts
+    if anchors > 0 or any(m.base in _ANCHOR_METRICS for m in fns):
+        k = max(anchors, anchor_space)
+        shared = [
+            shared_anchors(
+                [raw[(f.name, len(f.layers) - 1)][p][1] for f in features], k, anchor_sampling, seed, preprocess
             )
-            for key, parts in raw.items()
-        }
-        del raw
-        if level == "item" and shared[0] is not None and anchor_space > 0:
-            for f in features:
-                x = prepared[(f.name, len(f.layers) - 1)].parts[0][1]
-                result.anchor_embeddings[f.name] = M.anchor_embedding(x, shared[0][:anchor_space])
-        extras = [
-            {"anchors": shared[p][:anchor_space]} if shared[p] is not None else {} for p in range(n_parts)
-        ]  # per part
+            for p in range(n_parts)
+        ]
+    prepared = {
+        key: _Prepared(
+            [
+                (w, _finish(x, preprocess, shared[p][:anchors] if anchors > 0 else None))
+                for p, (w, x) in enumerate(parts)
+            ]
+        )
+        for key, parts in raw.items()
+    }
+    if level == "item" and shared[0] is not None and anchor_space > 0:
+        for f in features:
+            x = prepared[(f.name, len(f.layers) - 1)].parts[0][1]
+            result.anchor_embeddings[f.name] = M.anchor_embedding(x, shared[0][:anchor_space])
+    extras = [{"anchors": shared[p][:anchor_space]} if shared[p] is not None else {} for p in range(n_parts)]
+    return prepared, extras
 
-        start = len(result.rows)
-        pairs = list(itertools.combinations(features, 2))
-        for fa, fb in tqdm(pairs, desc=f"metrics {level}", disable=not progress, leave=False):
-            for la, lb in itertools.product(range(len(fa.layers)), range(len(fb.layers))):
-                pa, pb = prepared[(fa.name, la)], prepared[(fb.name, lb)]
-                for m in fns:
-                    result.rows.append(_row(fa, la, fb, lb, level, m.label, _call(m, pa, pb, extras)))
-                    if m.base in _ASYMMETRIC:
-                        result.rows.append(_row(fb, lb, fa, la, level, m.label, _call(m, pb, pa, extras)))
 
-        if intrinsic_dimension:
-            for f in features:
-                for li, lname in enumerate(f.layers):
-                    parts = prepared[(f.name, li)].parts
-                    value = sum(w * M.twonn_dimension(x) for w, x in parts)
-                    result.per_model.append(
-                        {"model": f.name, "layer": lname, "level": level, "measure": "twonn_id", "value": float(value)}
-                    )
+def _score_pairs(features, prepared, extras, fns, level, result, progress) -> None:
+    """Every metric on every layer pair of every model pair (both directions for asymmetric metrics)."""
+    from tqdm.auto import tqdm
 
-        do_null = null_permutations > 0 and (null_levels is None or level in null_levels)
-        if not (do_null or width_floor):
-            continue
-        level_result = ConvergenceResult(result.rows[start:], lower=result.lower, asymmetric=result.asymmetric)
-        by_label = {m.label: m for m in fns}
-        layer_of = {(f.name, ln): li for f in features for li, ln in enumerate(f.layers)}
-        floors: dict[tuple, float] = {}
-        best = level_result.best()
-        for r in tqdm(best, desc=f"calibration {level}", disable=not progress, leave=False):
-            m = by_label[r["metric"]]
-            pa = prepared[(r["model_a"], layer_of[(r["model_a"], r["layer_a"])])]
-            pb = prepared[(r["model_b"], layer_of[(r["model_b"], r["layer_b"])])]
-            sign = 1.0 if m.higher_is_better else -1.0
-            if do_null and (wanted_null is None or m.label in wanted_null or m.base in wanted_null):
-                null = _part_null(m, pa, pb, extras, null_permutations, seed, r["value"])
-                r.update({k: null[k] for k in ("null_mean", "null_std", "p_value", "z", "corrected")})
-            if width_floor:
-                dims = tuple(
-                    (x.shape[0], x.shape[1], y.shape[1]) for (_, x), (_, y) in zip(pa.parts, pb.parts, strict=True)
-                )
-                key = (m.label, dims)
-                if key not in floors:
-                    floors[key] = _width_floor(m, pa, pb, extras, floor_draws, seed, preprocess, anchors)
-                r["floor"] = floors[key]
-                r["floor_gain"] = sign * (r["value"] - floors[key])
-        if do_null:
+    pairs = list(itertools.combinations(features, 2))
+    for fa, fb in tqdm(pairs, desc=f"metrics {level}", disable=not progress, leave=False):
+        for la, lb in itertools.product(range(len(fa.layers)), range(len(fb.layers))):
+            pa, pb = prepared[(fa.name, la)], prepared[(fb.name, lb)]
             for m in fns:
-                group = [r for r in best if r["metric"] == m.label and "p_value" in r]
-                for r, q in zip(group, M.benjamini_hochberg([r["p_value"] for r in group]), strict=True):
-                    r["p_adj"] = q
-    return result
+                result.rows.append(_row(fa, la, fb, lb, level, m.label, _call(m, pa, pb, extras)))
+                if m.base in _ASYMMETRIC:
+                    result.rows.append(_row(fb, lb, fa, la, level, m.label, _call(m, pb, pa, extras)))
+
+
+def _intrinsic_rows(features, prepared, level, result) -> None:
+    """TwoNN intrinsic dimension per model, layer and level (weighted over the level's parts)."""
+    import unirep.metrics as M
+
+    for f in features:
+        for li, lname in enumerate(f.layers):
+            parts = prepared[(f.name, li)].parts
+            value = sum(w * M.twonn_dimension(x) for w, x in parts)
+            result.per_model.append(
+                {"model": f.name, "layer": lname, "level": level, "measure": "twonn_id", "value": float(value)}
+            )
+
+
+def _calibrate(features, prepared, extras, fns, level, result, start, calib, anchors, progress) -> None:
+    """Permutation nulls (with BH-adjusted p-values) and width floors on the best layer pair of every model pair."""
+    from tqdm.auto import tqdm
+
+    import unirep.metrics as M
+
+    null_permutations, null_metrics, width_floor, floor_draws, seed, preprocess = calib
+    do_null = null_permutations > 0
+    wanted_null = set(null_metrics) if null_metrics is not None else None
+    level_result = ConvergenceResult(result.rows[start:], lower=result.lower, asymmetric=result.asymmetric)
+    by_label = {m.label: m for m in fns}
+    layer_of = {(f.name, ln): li for f in features for li, ln in enumerate(f.layers)}
+    floors: dict[tuple, float] = {}
+    best = level_result.best()
+    for r in tqdm(best, desc=f"calibration {level}", disable=not progress, leave=False):
+        m = by_label[r["metric"]]
+        pa = prepared[(r["model_a"], layer_of[(r["model_a"], r["layer_a"])])]
+        pb = prepared[(r["model_b"], layer_of[(r["model_b"], r["layer_b"])])]
+        sign = 1.0 if m.higher_is_better else -1.0
+        if do_null and (wanted_null is None or m.label in wanted_null or m.base in wanted_null):
+            null = _part_null(m, pa, pb, extras, null_permutations, seed, r["value"])
+            r.update({k: null[k] for k in ("null_mean", "null_std", "p_value", "z", "corrected")})
+        if width_floor:
+            dims = tuple(
+                (x.shape[0], x.shape[1], y.shape[1]) for (_, x), (_, y) in zip(pa.parts, pb.parts, strict=True)
+            )
+            key = (m.label, dims)
+            if key not in floors:
+                floors[key] = _width_floor(m, pa, pb, extras, floor_draws, seed, preprocess, anchors)
+            r["floor"] = floors[key]
+            r["floor_gain"] = sign * (r["value"] - floors[key])
+    if do_null:
+        for m in fns:
+            group = [r for r in best if r["metric"] == m.label and "p_value" in r]
+            for r, q in zip(group, M.benjamini_hochberg([r["p_value"] for r in group]), strict=True):
+                r["p_adj"] = q
 
 
 def _call(m: _Metric, pa: _Prepared, pb: _Prepared, extras: list[dict[str, Any]]) -> float:
@@ -820,7 +865,6 @@ def write_outputs(
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_table(result.rows, out_dir / "alignment.csv", _FIELDS)
@@ -846,38 +890,7 @@ def write_outputs(
     for r in result.per_model:  # the model's last (deepest selected) layer wins: rows come in layer order
         summary["intrinsic_dimension"].setdefault(r["level"], {})[r["model"]] = r["value"]
     for metric in metrics:
-        calibrated = [lv for lv in levels if _calibrated(result, lv, metric)]
-        nrows = 2 if calibrated else 1
-        fig, axes = plt.subplots(
-            nrows,
-            len(levels),
-            figsize=(0.35 * len(models) * len(levels) + 3, nrows * (0.35 * len(models) + 2)),
-            squeeze=False,
-        )
-        for k, level in enumerate(levels):
-            _heatmap(axes[0][k], fig, result, models, level, metric, "value")
-            axes[0][k].set_title(
-                f"{metric} / {level}" + (" (* beats null, BH q<0.05)" if calibrated else ""), fontsize=8
-            )
-            args = (result, models, level, metric, families, excluded)
-            summary["mean_alignment"].setdefault(metric, {})[level] = mean_alignment(*args)
-            if level in calibrated:
-                _heatmap(axes[1][k], fig, result, models, level, metric, "corrected")
-                axes[1][k].set_title(f"{metric} / {level}: minus permutation-null mean", fontsize=8)
-                summary["mean_corrected"].setdefault(metric, {})[level] = mean_alignment(*args, value="corrected")
-                rows = [r for r in best if r["level"] == level and r["metric"] == metric and "p_value" in r]
-                summary["calibration"].setdefault(metric, {})[level] = {
-                    "pairs": len(rows),
-                    "beat_null_bh05": sum(r["p_adj"] < 0.05 for r in rows),
-                    "min_p": min(r["p_value"] for r in rows),
-                    "median_corrected": float(torch.tensor([r["corrected"] for r in rows]).median()),
-                }
-            elif nrows == 2:
-                axes[1][k].axis("off")
-        fig.tight_layout()
-        fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
-        plt.close(fig)
-
+        _metric_heatmap(result, models, levels, metric, families, excluded, best, summary, out_dir)
     if result.anchor_embeddings:
         _anchor_space_figure(result.anchor_embeddings, families or {}, out_dir / "anchor_space.png")
 
@@ -886,48 +899,90 @@ def write_outputs(
     summary["quality_name"] = quality_name
     summary["spearman"], summary["spearman_ci"], summary["spearman_corrected"] = {}, {}, {}
     if len(scored) >= 3:
-        from unirep.metrics import spearman_bootstrap
-
         for metric in metrics:
-            fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
-            sign_a = -1.0 if metric in result.lower else 1.0  # "more aligned" is positive for every metric
-            for ax, level in zip(axes[0], levels, strict=True):
-                align = summary["mean_alignment"][metric][level]
-                qs = [quality[m] for m in scored]
-                al = [align[m] for m in scored]
-                better = qs if higher_is_better else [-q for q in qs]
-                ok = [k for k, a in enumerate(al) if math.isfinite(a)]
-                if len(ok) < 3:
-                    continue
-                # rank correlation with "better quality" and "more aligned" positive, whichever way the scores run
-                stats = spearman_bootstrap(
-                    [better[k] for k in ok], [sign_a * al[k] for k in ok], n_boot=bootstrap, seed=seed
-                )
-                rho = stats["rho"]
-                summary["spearman"].setdefault(metric, {})[level] = rho
-                summary["spearman_ci"].setdefault(metric, {})[level] = stats
-                corr = summary["mean_corrected"].get(metric, {}).get(level)
-                if corr is not None:
-                    cs = [corr[m] for m in scored]
-                    ok_c = [k for k, c in enumerate(cs) if math.isfinite(c)]
-                    if len(ok_c) >= 3:
-                        summary["spearman_corrected"].setdefault(metric, {})[level] = spearman_bootstrap(
-                            [better[k] for k in ok_c], [cs[k] for k in ok_c], n_boot=bootstrap, seed=seed
-                        )
-                ax.scatter(qs, al, s=14)
-                for m, q, a in zip(scored, qs, al, strict=True):
-                    ax.annotate(m, (q, a), fontsize=5)
-                ax.set_xlabel(quality_name + (" (higher is better)" if higher_is_better else " (lower is better)"))
-                ax.set_ylabel(f"mean {metric} to the other families")
-                ax.set_title(
-                    f"{level}: rho = {rho:.2f} [{stats['lo']:.2f}, {stats['hi']:.2f}], p = {stats['p_value']:.3f}",
-                    fontsize=8,
-                )
-            fig.tight_layout()
-            fig.savefig(out_dir / f"quality_vs_alignment_{metric}.png", dpi=110)
-            plt.close(fig)
+            fig_args = (quality, quality_name, higher_is_better, bootstrap, seed)
+            _quality_figure(result, summary, metric, levels, scored, fig_args, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _metric_heatmap(result, models, levels, metric, families, excluded, best, summary, out_dir) -> None:
+    """One metric's heatmap PNG (a panel per level; a null-corrected row where calibrated); fills the summary."""
+    import matplotlib.pyplot as plt
+
+    calibrated = [lv for lv in levels if _calibrated(result, lv, metric)]
+    nrows = 2 if calibrated else 1
+    fig, axes = plt.subplots(
+        nrows,
+        len(levels),
+        figsize=(0.35 * len(models) * len(levels) + 3, nrows * (0.35 * len(models) + 2)),
+        squeeze=False,
+    )
+    for k, level in enumerate(levels):
+        _heatmap(axes[0][k], fig, result, models, level, metric, "value")
+        axes[0][k].set_title(f"{metric} / {level}" + (" (* beats null, BH q<0.05)" if calibrated else ""), fontsize=8)
+        args = (result, models, level, metric, families, excluded)
+        summary["mean_alignment"].setdefault(metric, {})[level] = mean_alignment(*args)
+        if level in calibrated:
+            _heatmap(axes[1][k], fig, result, models, level, metric, "corrected")
+            axes[1][k].set_title(f"{metric} / {level}: minus permutation-null mean", fontsize=8)
+            summary["mean_corrected"].setdefault(metric, {})[level] = mean_alignment(*args, value="corrected")
+            rows = [r for r in best if r["level"] == level and r["metric"] == metric and "p_value" in r]
+            summary["calibration"].setdefault(metric, {})[level] = {
+                "pairs": len(rows),
+                "beat_null_bh05": sum(r["p_adj"] < 0.05 for r in rows),
+                "min_p": min(r["p_value"] for r in rows),
+                "median_corrected": float(torch.tensor([r["corrected"] for r in rows]).median()),
+            }
+        elif nrows == 2:
+            axes[1][k].axis("off")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"heatmap_{metric}.png", dpi=110)
+    plt.close(fig)
+
+
+def _quality_figure(result, summary, metric, levels, scored, fig_args, out_dir) -> None:
+    """Quality vs mean alignment for one metric (a panel per level) and its Spearman rank correlation."""
+    import matplotlib.pyplot as plt
+
+    from unirep.metrics import spearman_bootstrap
+
+    quality, quality_name, higher_is_better, bootstrap, seed = fig_args
+    fig, axes = plt.subplots(1, len(levels), figsize=(4 * len(levels), 3.6), squeeze=False)
+    sign_a = -1.0 if metric in result.lower else 1.0  # "more aligned" is positive for every metric
+    for ax, level in zip(axes[0], levels, strict=True):
+        align = summary["mean_alignment"][metric][level]
+        qs = [quality[m] for m in scored]
+        al = [align[m] for m in scored]
+        better = qs if higher_is_better else [-q for q in qs]
+        ok = [k for k, a in enumerate(al) if math.isfinite(a)]
+        if len(ok) < 3:
+            continue
+        # rank correlation with "better quality" and "more aligned" positive, whichever way the scores run
+        stats = spearman_bootstrap([better[k] for k in ok], [sign_a * al[k] for k in ok], n_boot=bootstrap, seed=seed)
+        rho = stats["rho"]
+        summary["spearman"].setdefault(metric, {})[level] = rho
+        summary["spearman_ci"].setdefault(metric, {})[level] = stats
+        corr = summary["mean_corrected"].get(metric, {}).get(level)
+        if corr is not None:
+            cs = [corr[m] for m in scored]
+            ok_c = [k for k, c in enumerate(cs) if math.isfinite(c)]
+            if len(ok_c) >= 3:
+                summary["spearman_corrected"].setdefault(metric, {})[level] = spearman_bootstrap(
+                    [better[k] for k in ok_c], [cs[k] for k in ok_c], n_boot=bootstrap, seed=seed
+                )
+        ax.scatter(qs, al, s=14)
+        for m, q, a in zip(scored, qs, al, strict=True):
+            ax.annotate(m, (q, a), fontsize=5)
+        ax.set_xlabel(quality_name + (" (higher is better)" if higher_is_better else " (lower is better)"))
+        ax.set_ylabel(f"mean {metric} to the other families")
+        ax.set_title(
+            f"{level}: rho = {rho:.2f} [{stats['lo']:.2f}, {stats['hi']:.2f}], p = {stats['p_value']:.3f}",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    fig.savefig(out_dir / f"quality_vs_alignment_{metric}.png", dpi=110)
+    plt.close(fig)
 
 
 def _anchor_space_figure(emb: dict[str, Tensor], families: dict[str, str], path: Path) -> None:
@@ -1179,21 +1234,11 @@ def _build_data(node: Any, what: str) -> tuple[Any, str]:
     return dataset, data_fingerprint(dataset, data_yaml)
 
 
-def run_convergence(cfg: Any) -> dict[str, Any]:
-    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare,
-    calibrate, write; with ``ood_data`` the same models are compared on the out-of-distribution set too."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = _validated(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    levels = list(cfg.get("levels", ["item"]))
+def _check_study(cfg: Any, levels: list[str], metrics: list[Any]) -> None:
     bad_levels = [lv for lv in levels if lv not in LEVELS]
     if bad_levels:
         raise ValueError(f"unknown levels {bad_levels}: use any of {', '.join(LEVELS)}")
-    metrics = _container(cfg.get("metrics", ["mutual_knn"]))
-    fns = _metric_fns(metrics)  # fail on an unknown metric before any feature is extracted
+    fns = _metric_fns(metrics)
     if any(m.base in _ANCHOR_METRICS for m in fns) and int(cfg.anchor_space) < 1:
         raise ValueError("anchor_retrieval / anchor_ot_distance need anchor_space >= 1")
     known = {m.label for m in fns} | {m.base for m in fns}
@@ -1205,12 +1250,12 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"null_levels {bad_null_levels} are not among the study's levels {levels}")
     if cfg.anchor_sampling not in ("fps", "random"):
         raise ValueError(f"anchor_sampling must be fps or random, got {cfg.anchor_sampling!r}")
-    out_dir = Path(cfg.get("out_dir") or f"runs/converge/{cfg.get('name', 'study')}")
-    cache_dir = Path(cfg.get("cache_dir") or out_dir / "features")
-    progress = bool(cfg.get("progress", True))
-    dataset, dfp = _build_data(cfg.data, "data set")
-    ood = _build_data(cfg.ood_data, "out-of-distribution data set") if cfg.get("ood_data") is not None else None
-    quality_fn = instantiate(cfg.quality_fn, _convert_="all") if cfg.get("quality_fn") is not None else None
+
+
+def _extract_all(cfg, dataset, dfp, ood, quality_fn, cache_dir, progress) -> tuple:
+    """Build every model of the study in turn, extract (cached) features on the data (and the OOD data), score its
+    quality; optional models that cannot be built are skipped and reported."""
+    from hydra.utils import instantiate
 
     specs = expand_models(cfg.models)
     features, ood_features, quality, source, skipped, built = [], [], {}, {}, {}, []
@@ -1240,6 +1285,30 @@ def run_convergence(cfg: Any) -> dict[str, Any]:
             ood_features.append(of.select_layers(spec.get("layers")))
         built.append(spec)
         del encoder
+    return features, ood_features, quality, source, skipped, built
+
+
+def run_convergence(cfg: Any) -> dict[str, Any]:
+    """Build the data and the models of a ``configs/converge`` config, extract (cached) features, compare,
+    calibrate, write; with ``ood_data`` the same models are compared on the out-of-distribution set too."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = _validated(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    levels = list(cfg.get("levels", ["item"]))
+    metrics = _container(cfg.get("metrics", ["mutual_knn"]))
+    _check_study(cfg, levels, metrics)  # fail on a bad level or metric before any feature is extracted
+    out_dir = Path(cfg.get("out_dir") or f"runs/converge/{cfg.get('name', 'study')}")
+    cache_dir = Path(cfg.get("cache_dir") or out_dir / "features")
+    progress = bool(cfg.get("progress", True))
+    dataset, dfp = _build_data(cfg.data, "data set")
+    ood = _build_data(cfg.ood_data, "out-of-distribution data set") if cfg.get("ood_data") is not None else None
+    quality_fn = instantiate(cfg.quality_fn, _convert_="all") if cfg.get("quality_fn") is not None else None
+
+    extracted = _extract_all(cfg, dataset, dfp, ood, quality_fn, cache_dir, progress)
+    features, ood_features, quality, source, skipped, built = extracted
     families = {s["name"]: str(s["family"]) for s in built}
     excluded = _excluded(built, families, list(cfg.exclude_from_mean))
 
