@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 # Five visible stages: the core toy flow (~1 min); the vision teacher, made once (MAE, ~6 CPU minutes) and skipped
