@@ -8,7 +8,8 @@ float64) with the same optimiser settings (Adam amsgrad, lr 0.01, weight decay 5
 scale = RMS force on both sides; shift 0 as mace's ``--model MACE``). Both trained models are evaluated by this
 script on the same validation frames (mace's file is rebuilt with ``MACEModel.from_mace``, weights bit for bit).
 Learning-rate schedule: constant on our side; mace's ReduceLROnPlateau (factor 0.8, patience 50 epochs) does not
-fire within a run this short.
+fire within a run this short. mace evaluates every epoch and keeps its best-validation checkpoint (its default); ours
+is the final weights.
 
 Time per step: the optimiser step of each trainer's own code on the same batches (mace: ``mace.tools.train.take_step``
 on its ``AtomicData`` batches; ours: ``MaceTask`` forward + backward + Adam step), after warm-up.
@@ -75,7 +76,7 @@ def _mace_cli(args, seed: int, epochs: int, e0, z_table, work: Path) -> Path:
         "--batch_size=10",
         "--valid_batch_size=10",
         f"--max_num_epochs={epochs}",
-        f"--eval_interval={epochs}",
+        "--eval_interval=1",  # mace keeps the best-validation checkpoint of the epochs it evaluates
         "--lr=0.01",
         "--weight_decay=5e-7",
         "--energy_weight=1.0",
