@@ -624,6 +624,8 @@ class TeacherTarget(AlignTarget):
         enc = self._teacher
         if self.mode == "pooled":
             return int(getattr(enc, "pooled_dim", None) or enc.dim)
+        if self.layer is not None and hasattr(enc, "feature_dim"):
+            return int(enc.feature_dim(self.layer))  # a teacher read at another layer may have another width
         return int(enc.dim)
 
     def teacher_input(self, batch: Any) -> Any:
