@@ -257,6 +257,7 @@ def main() -> None:
     for seed in range(args.seeds):
         work = Path(args.out) / f"seed{seed}"
         mace_file = _mace_cli(args, seed, epochs, e0, z_table, work / "mace")
+        # the model file mace-torch wrote a moment ago in this run (trusted by construction; mace pickles modules)
         theirs = MACEModel.from_mace(torch.load(mace_file, map_location="cpu", weights_only=False))
         ours = _ours(args, seed, steps, work / "unirep")
         row = {"seed": seed, "mace-torch": _evaluate(theirs, val), "unirep": _evaluate(ours, val)}

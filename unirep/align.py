@@ -38,6 +38,7 @@ differs from the student's.
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -519,7 +520,7 @@ class AlignContext:
     cache: dict[Any, Any] = field(default_factory=dict)
 
 
-class AlignTarget(nn.Module):
+class AlignTarget(nn.Module, abc.ABC):
     """Base of the target kinds: what the student's projected tokens are compared with.
 
     A target is bound to the student once (:meth:`bind`), reports its token width (:meth:`dim`) so the projector
@@ -535,11 +536,13 @@ class AlignTarget(nn.Module):
         """Student layers this target reads from the same forward pass (layer sync)."""
         return []
 
+    @abc.abstractmethod
     def dim(self, model: nn.Module) -> int:
-        raise NotImplementedError
+        """Width of the target's tokens (the projector's output width)."""
 
+    @abc.abstractmethod
     def tokens(self, ctx: AlignContext) -> TokenSet:
-        raise NotImplementedError
+        """Detached target tokens of the batch's items, the same tokens as the student's."""
 
     def on_step_end(self, model: nn.Module) -> None:  # noqa: B027
         """After each optimiser step (EMA targets update their copy)."""
