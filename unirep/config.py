@@ -70,6 +70,8 @@ class TrainerConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    final_lr: float | None = None  # from final_lr_from on, every group's lr is this (mace's stage two: --swa_lr 1e-3)
+    final_lr_from: float = 0.75  # a step, or a fraction of max_steps (mace: the last 25 % of training)
     monitor: str | None = None  # the evaluation metric a ReduceLROnPlateau scheduler steps on (mace-torch: val loss)
     max_bad_steps: int = 10
     max_weight_growth: float = 100.0

@@ -510,3 +510,23 @@ def _args(out_dir, **kw):
                 progress=False, tensorboard=False, log_every=2, ckpt_every=2)  # fmt: skip
     args.update(kw)
     return args
+
+
+def test_final_lr_holds_from_its_step_over_the_schedule_and_on_resume(tmp_path):
+    """mace's stage two lowers the lr to --swa_lr for the last part of training: trainer.final_lr from final_lr_from."""
+    torch.manual_seed(0)
+    t = _trainer(NoisyRegression(), tmp_path, max_steps=8, log_every=1, final_lr=1e-4, final_lr_from=0.5)
+    assert t.final_lr_start() == 4
+    t.fit()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    for s, lr in rows.items():
+        expected = 1e-4 if s >= 4 else 1e-2 * lr_factor(s, 8, 3, "cosine")
+        assert math.isclose(lr, expected, rel_tol=1e-9), (s, lr, expected)
+    # resumed from the step-4 checkpoint, the next steps still use final_lr (the schedule alone would not)
+    t2 = _trainer(NoisyRegression(), tmp_path, max_steps=8, final_lr=1e-4, final_lr_from=0.5, resume="auto")
+    t2._setup()
+    t2._apply_final_lr(5)
+    assert all(g["lr"] == 1e-4 for g in t2.optimizer.param_groups)
+    with pytest.raises(ValueError, match="final_lr"):
+        _trainer(NoisyRegression(), tmp_path / "bad", final_lr=0.0).fit()

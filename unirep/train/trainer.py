@@ -212,7 +212,8 @@ class Trainer:
             resume: ``"auto"`` (newest checkpoint of ``out_dir`` that verifies), ``"none"`` or a path. overwrite:
             let ``resume=none`` replace a finished run's checkpoints. reset_ema: resume a checkpoint without EMA
             weights with the EMA restarted from the raw ones. warmup_steps, lr_schedule, min_lr_ratio: the default
-            schedule (:func:`lr_factor`). max_bad_steps: consecutive non-finite steps before stopping.
+            schedule (:func:`lr_factor`). final_lr, final_lr_from: from that step (or fraction of max_steps) on,
+            the lr is ``final_lr`` whatever the schedule (mace's stage two sets ``--swa_lr``). max_bad_steps: consecutive non-finite steps before stopping.
             max_weight_growth: the run is unhealthy (no checkpoint is written) when the weights' norm grew more than
             this factor since the last healthy checkpoint (0: only finiteness is checked). progress, tensorboard,
             eval_at_end, find_unused_parameters (DDP). handle_signals: SIGINT/SIGTERM/SIGUSR1 finish the current
@@ -318,6 +319,8 @@ class Trainer:
         self.optimizer = self._build_optimizer(self.params)
         self.scheduler = self._build_scheduler(self.optimizer)
         self._plateau = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.cfg.final_lr is not None and not float(self.cfg.final_lr) > 0:
+            raise ValueError(f"trainer.final_lr={self.cfg.final_lr!r}: give a positive learning rate, or null for none")
         if self._plateau and (not self.cfg.monitor or self.cfg.eval_every <= 0):
             raise ValueError(
                 "a ReduceLROnPlateau scheduler steps on an evaluation metric: set trainer.monitor (e.g. "
@@ -537,9 +540,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if not self._plateau:  # a plateau schedule steps after each evaluation instead (_step_plateau)
             self.scheduler.step()
+        self._apply_final_lr(step + 1)
         self.step = step + 1
         self._phase = "done"
         return stop if self.world > 1 else self._stop_signal is not None  # one process: a signal during this step
+
+    def final_lr_start(self) -> int | None:
+        """The step from which ``trainer.final_lr`` holds (None: never)."""
+        c = self.cfg
+        if c.final_lr is None:
+            return None
+        return int(round(c.final_lr_from * c.max_steps)) if 0 < c.final_lr_from < 1 else int(c.final_lr_from)
+
+    def _apply_final_lr(self, step: int) -> None:
+        """From :meth:`final_lr_start` on every group's lr is ``final_lr`` (mace's stage two), whatever the schedule."""
+        start = self.final_lr_start()
+        if start is not None and step >= start:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(self.cfg.final_lr)
 
     def _skip_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.bad_steps += 1
