@@ -213,7 +213,8 @@ class Trainer:
             let ``resume=none`` replace a finished run's checkpoints. reset_ema: resume a checkpoint without EMA
             weights with the EMA restarted from the raw ones. warmup_steps, lr_schedule, min_lr_ratio: the default
             schedule (:func:`lr_factor`). final_lr, final_lr_from: from that step (or fraction of max_steps) on,
-            the lr is ``final_lr`` whatever the schedule (mace's stage two sets ``--swa_lr``). max_bad_steps: consecutive non-finite steps before stopping.
+            the lr is ``final_lr`` whatever the schedule (mace's stage two sets ``--swa_lr``). max_bad_steps:
+            consecutive non-finite steps before stopping.
             max_weight_growth: the run is unhealthy (no checkpoint is written) when the weights' norm grew more than
             this factor since the last healthy checkpoint (0: only finiteness is checked). progress, tensorboard,
             eval_at_end, find_unused_parameters (DDP). handle_signals: SIGINT/SIGTERM/SIGUSR1 finish the current
