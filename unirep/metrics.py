@@ -20,7 +20,8 @@ returns a float (a :class:`~unirep.tokens.TokenSet` is taken as its token matrix
 
 Distribution metrics (generated vs real sets, the rows need not correspond):
 
-- :func:`frechet_distance`: the FID formula (Heusel et al. 2017) on Gaussian fits of two feature sets, with the
+- :func:`frechet_distance`: the FID formula (Heusel et al. 2017) on Gaussian fits of two feature sets
+  (:func:`frechet_distance_gaussians` on stored means and covariances), with the
   trace of the matrix square root taken from eigenvalues (``torch.linalg.eigh``) instead of ``scipy.linalg.sqrtm``,
   whose complex parts and NaNs on near-singular products LightningDiT/pytorch-fid users report.
 - :func:`knn_precision_recall`: improved precision and recall (Kynkäänniemi et al. 2019, k = 3).
@@ -55,6 +56,7 @@ __all__ = [
     "svcca",
     "prepare_features",
     "frechet_distance",
+    "frechet_distance_gaussians",
     "knn_precision_recall",
     "pairwise_alignment",
     "knn_indices",
@@ -357,19 +359,34 @@ def prepare_features(x: Tensor, clamp_quantile: float = 0.95, normalize: bool = 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to feature sets ``a[n, d]`` and ``b[m, d]`` (FID's formula).
 
-    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` in float64 with unbiased covariances. The trace of the
-    square root equals the sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    ``S_a^{1/2} S_b S_a^{1/2}`` (same spectrum as ``S_a S_b``), so two symmetric eigendecompositions replace
-    ``sqrtm`` of a non-symmetric product: no complex parts, no NaN for rank-deficient covariances (n < d).
+    The means and unbiased covariances in float64 go to :func:`frechet_distance_gaussians`.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"frechet_distance needs [n, d] and [m, d] features, got {tuple(a.shape)}, {tuple(b.shape)}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"frechet_distance needs at least 2 items per set, got {a.shape[0]} and {b.shape[0]}")
     a, b = a.detach().double(), b.detach().double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
-    ev_a, vec_a = torch.linalg.eigh(cov_a)
+    return frechet_distance_gaussians(a.mean(0), cov_a, b.mean(0), cov_b)
+
+
+def frechet_distance_gaussians(mu_a: Tensor, cov_a: Tensor, mu_b: Tensor, cov_b: Tensor) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^{1/2})`` of two Gaussians (stored statistics such as ADM's
+    reference batches' ``mu``/``sigma``), in float64.
+
+    The trace of the square root equals the sum of the square roots of the eigenvalues of the symmetric PSD matrix
+    ``S_a^{1/2} S_b S_a^{1/2}`` (same spectrum as ``S_a S_b``), so two symmetric eigendecompositions replace
+    ``sqrtm`` of a non-symmetric product: no complex parts, no NaN for rank-deficient covariances (n < d).
+    """
+    d = mu_a.numel()
+    if mu_b.numel() != d or tuple(cov_a.shape) != (d, d) or tuple(cov_b.shape) != (d, d):
+        raise ValueError(
+            f"frechet_distance_gaussians needs means [d] and covariances [d, d] of one d, got {tuple(mu_a.shape)}, "
+            f"{tuple(cov_a.shape)}, {tuple(mu_b.shape)}, {tuple(cov_b.shape)}"
+        )
+    mu_a, mu_b = mu_a.detach().double().reshape(d), mu_b.detach().double().reshape(d)
+    cov_a, cov_b = cov_a.detach().double(), cov_b.detach().double()
+    ev_a, vec_a = torch.linalg.eigh(0.5 * (cov_a + cov_a.T))
     sqrt_a = (vec_a * ev_a.clamp_min(0).sqrt()) @ vec_a.T  # S_a^{1/2}
     mid = sqrt_a @ cov_b @ sqrt_a
     mid = 0.5 * (mid + mid.T)  # symmetric up to rounding: eigh reads one triangle
