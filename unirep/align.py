@@ -752,7 +752,8 @@ class AlignmentTerm(nn.Module):
     Args:
         layer: the student's layer (``forward_intermediates`` index: 0 embedding, 1..L blocks, negative from the end).
         projector: a built module, a factory ``(in_dim, out_dim) -> module`` (hydra ``_partial_: true``; built at
-            :meth:`bind` with the student's and the target's widths), or ``None`` for the identity.
+            :meth:`bind` with the student's and the target's widths), or ``None`` for the identity. A projector with
+            ``grid_input = True`` receives the student's TokenSet, not its flat features (iREPA's conv on the grid).
         target: an :class:`AlignTarget`, or ``None`` for a regulariser on the student's tokens (dispersive loss):
             then ``loss(tokens) -> scalar``.
         loss: a name in :data:`LOSSES` or a callable ``loss(pred, target) -> scalar``.
@@ -821,7 +822,10 @@ class AlignmentTerm(nn.Module):
         zero = student.x.new_zeros(()).float()
         if w == 0.0:  # switched off (HASTE's stop): no projector, no teacher call
             return {"loss": zero, "raw": zero.detach(), "weight": torch.tensor(0.0)}
-        pred = student.with_x(self.projector(student.x))
+        if getattr(self.projector, "grid_input", False):
+            pred = self.projector(student)  # sees each item's tokens together (a convolution on the token grid)
+        else:
+            pred = student.with_x(self.projector(student.x))
         if self.target is None:
             raw = self.loss_fn(pred)
             return {"loss": w * raw, "raw": raw.detach(), "weight": torch.tensor(w)}
