@@ -405,10 +405,15 @@ def load_tokenizer(
                 f"`unirep-train experiment=vision/rae_stage1` (or vavae_stage1) and pass "
                 f"task.tokenizer.checkpoint=<its out_dir or a checkpoints/step_N folder>"
             )
-        task, _ = load_task(str(path), ema=ema)
-        tok = getattr(task, "tokenizer", None)
-        if not isinstance(tok, Tokenizer):
-            raise TypeError(f"{path} is a checkpoint of {type(task).__name__}, not of a tokenizer stage-1 task")
+        if (path / "tokenizer.json").is_file():  # an exported tokenizer folder (vision.repae.export_tokenizer)
+            from vision.repae import load_exported_tokenizer
+
+            tok = load_exported_tokenizer(path)
+        else:
+            task, _ = load_task(str(path), ema=ema)
+            tok = getattr(task, "tokenizer", None)
+            if not isinstance(tok, Tokenizer):
+                raise TypeError(f"{path} is a checkpoint of {type(task).__name__}, not of a tokenizer stage-1 task")
     elif random_init is not None:
         warnings.warn(
             "load_tokenizer: no checkpoint given, using a randomly initialised tokenizer (smoke runs only)",
