@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel "setuptools<81"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,teachers,proteins]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,teachers,proteins,so3lr]"
 	$(BIN)/python -m unirep._torchvision_compat install
 	$(BIN)/python -c "import timm, mace, torchvision, torch_geometric, e3nn; print('environment ok: torch', __import__('torch').__version__)"
 	@touch $(STAMP)
