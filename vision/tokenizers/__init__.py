@@ -4,6 +4,8 @@ Both implement the core :class:`unirep.tokenizers.Tokenizer` (normalised ``encod
 named buffers), so any SiT recipe trains on their latents by swapping the tokenizer. See docs/vision_tokenizers.md.
 """
 
+from vision.tokenizers.aligner import StagedAligner, TokenAdapter
+from vision.tokenizers.fae import FAE, AttentionAdapter, TokenDecoder
 from vision.tokenizers.rae import (
     RAE,
     RAEDecoder,
@@ -15,6 +17,7 @@ from vision.tokenizers.rae import (
     rae_decoder_xl,
     strip_final_norm_affine,
 )
+from vision.tokenizers.svg import SVG, ResidualViT
 from vision.tokenizers.vavae import VAVAE, DiagonalGaussian, adaptive_weight
 
 __all__ = [
@@ -30,4 +33,11 @@ __all__ = [
     "VAVAE",
     "DiagonalGaussian",
     "adaptive_weight",
+    "SVG",
+    "ResidualViT",
+    "FAE",
+    "AttentionAdapter",
+    "TokenDecoder",
+    "StagedAligner",
+    "TokenAdapter",
 ]

@@ -126,6 +126,10 @@ class _TokenizerTask(Task):
     def _gan_terms(self, x: Tensor, x_rec: Tensor, nll: Tensor, last_layer: Tensor, step: int) -> dict[str, Tensor]:
         if self.discriminator is None or step < self.disc_update_start:
             return {}
+        if hasattr(self.discriminator, "gan_terms"):  # a discriminator with its own recipe (vision.diffaug.DiffAugGAN)
+            on = step >= self.disc_start
+            w, max_w = self.disc_weight, self.disc_max_weight
+            return self.discriminator.gan_terms(x, x_rec, nll, last_layer, on, w, max_w, adaptive=self.training)
         if step < self.disc_start:  # discriminator warm-up: the decoder does not see the adversarial term yet
             _, d_loss = gan_losses(self.discriminator, x, x_rec, generator=False)
             return {"gan_total": d_loss, "loss/gan_d": d_loss.detach()}
