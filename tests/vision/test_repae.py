@@ -242,3 +242,25 @@ def test_bad_inputs_name_the_fix(tmp_path):
     (path / "tokenizer.json").write_text(json.dumps(dict(meta, target="os.system")))
     with pytest.raises(ValueError, match="not a tokenizer class"):
         load_exported_tokenizer(path)
+
+
+def test_recipes_chain_repae_then_a_sit_on_the_export(tmp_path):
+    """``repae`` (2 smoke steps) exports its VAE at the final evaluation; ``repae_sit`` trains on that folder."""
+    from safetensors.torch import load_file
+
+    from unirep.cli import compose, run_train
+
+    def smoke(name, out, *extra):
+        base = compose("train", [f"experiment=vision/{name}"])
+        return compose("train", [f"experiment=vision/{name}", "debug=smoke", f"out_dir={out}", *base.smoke, *extra])
+
+    run_train(smoke("repae", tmp_path / "repae"))
+    export = tmp_path / "repae" / "tokenizer"
+    assert (export / "tokenizer.json").is_file() and (export / "tokenizer.safetensors").is_file()
+    result = run_train(smoke("repae_sit", tmp_path / "sit", f"task.tokenizer.checkpoint={export}"))
+    exported = load_file(str(export / "tokenizer.safetensors"))
+    trained = load_file(str(result["checkpoint"] / "model.safetensors"))
+    for key in ("latent_mean", "latent_std", "encoder.conv_in.weight", "decoder.conv_out.weight"):
+        assert torch.equal(trained[f"tokenizer.{key}"], exported[f"tokenizer/{key}"]), key
+    bn_var = exported["latent_norm/running_var"]
+    assert torch.equal(exported["tokenizer/latent_std"].flatten(), (bn_var + 1e-4).sqrt())
