@@ -15,6 +15,15 @@ and, for REG, the class-token flow (:class:`ClassTokenFlow`). The recipes of ``c
   ``rerun`` runs the EMA copy on the same data and noise with the student's dropped labels.
 - LayerSync (Haghighi et al. 2025): a deeper block of the same pass, detached. Dispersive loss (Wang & He 2025): a
   regulariser with no target.
+- iREPA (Singh et al. 2025; End2End-Diffusion/iREPA): REPA with a conv projector on the token grid and spatially
+  z-scored teacher tokens (:mod:`vision.irepa`, ``configs/align/irepa.yaml``).
+- x-prediction (JiT: Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"): ``prediction="x0"``;
+  the network outputs the clean image, the loss is JiT's velocity loss (prediction and target converted with the
+  same clamp of t) and samplers get ``(x_t - x0) / max(t, clamp)``. ``"eps"`` likewise.
+- MeanFlow (Geng et al. 2025; Gsunshine/meanflow): ``meanflow`` = :class:`vision.meanflow.MeanFlow`, the average
+  velocity ``u(z_t, r, t)`` of a SiT built with ``interval_embed``, trained on the JVP target, sampled with
+  ``sampler="meanflow"`` in ``sample_steps`` evaluations (1: ``z_0 = z_1 - u(z_1, 0, 1)``); alignment terms
+  attach to the same forward pass (MeanFlow + REPA).
 
 Evaluation (``evaluate``): Fréchet distance and k-NN precision/recall (Kynkäänniemi et al. 2019, k = 3;
 :mod:`unirep.metrics`) in the frozen teacher's pooled feature space between generated samples and the held-out
@@ -37,12 +46,22 @@ from torch import Tensor, nn
 
 from unirep.align import Alignment, AlignmentTerm
 from unirep.encoders import FrozenEncoder
-from unirep.flow import FlowMatching, FlowSample, cfg_batched, interpolate, sample_ode, sample_sde
+from unirep.flow import (
+    FlowMatching,
+    FlowSample,
+    FlowStep,
+    cfg_batched,
+    interpolate,
+    pred_to_velocity,
+    sample_ode,
+    sample_sde,
+)
 from unirep.metrics import frechet_distance, knn_precision_recall
 from unirep.tokenizers import Tokenizer
 from unirep.tokens import TokenSet
 from unirep.train import Task
 from vision.align import VisionAlignContext
+from vision.meanflow import MeanFlow, sample_meanflow
 from vision.models.sit import check_labels
 
 __all__ = ["VisionFlowTask", "ClassTokenFlow", "save_grid"]
@@ -119,6 +138,10 @@ class VisionFlowTask(Task):
         teacher_cache, teacher_cache_dir: the teacher's in-memory cache on/off, and its precomputed shards.
         tokenizer: maps data to the space the model is trained in (``None``: pixels, or precomputed latents).
         cls_token: REG's :class:`ClassTokenFlow`, or ``None``.
+        prediction: what the network outputs: ``"velocity"``, ``"x0"`` (JiT's x-prediction; ``"x"`` is accepted) or
+            ``"eps"``; ``None`` takes ``flow.prediction``. The conversion clamps t at ``flow.clamp`` (JiT: 0.05).
+        meanflow: a :class:`vision.meanflow.MeanFlow` objective instead of flow matching (the model needs
+            ``interval_embed=True``); ``flow`` is then unused in training.
         num_classes: default ``model.num_classes`` (0: unconditional).
         sampler, sample_steps, cfg_scale, guidance_interval, guide_channels, sample_shift: sampling defaults
             (``sampler``: ``euler``/``heun`` ODE or ``sde``); ``guide_channels=3`` reproduces DiT's guidance bug.
@@ -140,6 +163,8 @@ class VisionFlowTask(Task):
         tokenizer: Tokenizer | None = None,
         cls_token: ClassTokenFlow | None = None,
         num_classes: int | None = None,
+        prediction: str | None = None,
+        meanflow: MeanFlow | None = None,
         sampler: str = "euler",
         sample_steps: int = 50,
         cfg_scale: float = 1.0,
@@ -153,8 +178,8 @@ class VisionFlowTask(Task):
         inception_reference: str | None = None,
     ):
         super().__init__()
-        if sampler not in ("euler", "heun", "sde"):
-            raise ValueError(f"sampler must be 'euler', 'heun' or 'sde', got {sampler!r}")
+        if sampler not in ("euler", "heun", "sde", "meanflow"):
+            raise ValueError(f"sampler must be 'euler', 'heun', 'sde' or 'meanflow', got {sampler!r}")
         self.model = model
         self.flow = flow if flow is not None else FlowMatching()
         self.tokenizer = tokenizer
@@ -170,6 +195,9 @@ class VisionFlowTask(Task):
         self.alignment.bind(model, teacher=self.teacher)
         self.cls_token = cls_token
         self._check_class_token()
+        self.prediction = self._check_prediction(prediction)
+        self.meanflow = meanflow
+        self._check_meanflow(sampler)
         self._layers = self.alignment.student_layers()
         self._attention = sorted(
             {k for term in self.alignment.terms.values() for k in getattr(term, "student_attention", list)()}
@@ -205,6 +233,51 @@ class VisionFlowTask(Task):
                 "(TeacherTarget mode 'pooled+tokens', configs/align/reg.yaml), not to the patch tokens alone"
             )
 
+    def _check_prediction(self, prediction: str | None) -> str:
+        """The network's output kind; the flow objective's, unless set here (then they must agree)."""
+        own = getattr(self.flow, "prediction", "velocity")
+        kind = own if prediction is None else ("x0" if prediction == "x" else prediction)
+        if kind not in ("velocity", "x0", "eps"):
+            raise ValueError(f"task.prediction={prediction!r}: use 'velocity', 'x0' (or 'x') or 'eps'")
+        if own not in ("velocity", kind):
+            raise ValueError(
+                f"task.prediction={kind!r} but task.flow.prediction={own!r}: set one of them (task.prediction wins "
+                "only over the default 'velocity')"
+            )
+        if kind != "velocity" and self.cls_token is not None:
+            raise ValueError("REG's class token predicts a velocity: use task.prediction=velocity with task.cls_token")
+        return kind
+
+    def _check_meanflow(self, sampler: str) -> None:
+        if self.meanflow is None:
+            if sampler == "meanflow":
+                raise ValueError("sampler='meanflow' needs a MeanFlow-trained model: set task.meanflow")
+            return
+        if not getattr(self.model, "interval_embed", False):
+            raise ValueError(
+                "MeanFlow's model takes two times: build it with interval_embed=True (task.model.interval_embed)"
+            )
+        if self.prediction != "velocity" or self.cls_token is not None or self._attention_terms():
+            raise ValueError(
+                "task.meanflow predicts the average velocity: it is not combined with x/eps-prediction, REG's class "
+                "token or attention distillation"
+            )
+
+    def _attention_terms(self) -> bool:
+        return any(getattr(term, "student_attention", None) for term in self.alignment.terms.values())
+
+    def _velocity_loss(self, step_out: FlowStep) -> Tensor:
+        """JiT's loss for an x0 (or eps) prediction: prediction and truth converted to velocities with one clamp.
+
+        For t above the clamp this is the flow objective's velocity MSE; below it, JiT divides the target by the same
+        clamped t (``(x_t - x) / max(t, clamp)``), so the oracle ``x0 = x`` has zero loss at every t.
+        """
+        s, kind, clamp = step_out.sample, self.prediction, getattr(self.flow, "clamp", 1e-3)
+        truth = s.x if kind == "x0" else s.eps
+        v_pred = pred_to_velocity(step_out.pred.float(), kind, s.x_t.float(), s.t_in, clamp)
+        v_true = pred_to_velocity(truth.float(), kind, s.x_t.float(), s.t_in, clamp)
+        return (v_pred - v_true).square().flatten(1).mean(1).mean()
+
     # -- training ------------------------------------------------------------------------------------------------
     def _to_model_space(self, x: Tensor) -> Tensor:
         if self.tokenizer is None:
@@ -218,6 +291,8 @@ class VisionFlowTask(Task):
         return self.teacher.encode_pooled(images, device=device).float()  # [B, D_cls]
 
     def forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        if self.meanflow is not None:
+            return self._meanflow_forward(batch, step)
         x = batch["x"]
         y = batch.get("y")
         y_in = None
@@ -256,7 +331,7 @@ class VisionFlowTask(Task):
         step_out = self.flow.objective(z, model_fn)
         pred_cls, feats, logits = step_out.aux
         sample = step_out.sample
-        loss = step_out.loss
+        loss = step_out.loss if self.prediction == "velocity" else self._velocity_loss(step_out)
         out: dict[str, Tensor] = {"loss/flow": loss.detach()}
         if cls is not None:
             assert self.cls_token is not None
@@ -280,6 +355,47 @@ class VisionFlowTask(Task):
                 device=z.device,
                 attention=logits,
                 attention_prefix=1 if keep_prefix else 0,
+            )
+            align_loss, logs = self.alignment(ctx, step)
+            if align_loss is not None:
+                loss = loss + align_loss
+            out.update(logs)
+        out["loss"] = loss
+        return out
+
+    def _meanflow_forward(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        """MeanFlow's objective (:mod:`vision.meanflow`) plus the alignment terms on the same forward pass."""
+        assert self.meanflow is not None
+        y = batch.get("y")
+        y_in = None
+        if y is not None and self.num_classes > 0:
+            y_in = y.long()
+            check_labels(y_in, self.num_classes, batch.get("id"))
+        z = self._to_model_space(batch["x"])
+        model = self.model
+        drop = model.sample_label_drop(y_in) if hasattr(model, "sample_label_drop") else None
+
+        def u_fn(z_t: Tensor, t: Tensor, r: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+            u, feats = model.forward_intermediates(z_t, t, y_in, self._layers, force_drop_ids=drop, t_minus_r=t - r)
+            return u[:, : z.shape[1]], [(f.x, f.batch) for f in feats]  # jvp's aux holds tensors only
+
+        def v_fn(z_t: Tensor, t: Tensor, conditional: bool) -> Tensor:  # the network at r = t (guidance)
+            yy = y_in if conditional else torch.full_like(y_in, self.num_classes)
+            keep = torch.zeros_like(drop) if drop is not None else None  # the labels as given: no dropout here
+            return model(z_t, t, yy, force_drop_ids=keep)[:, : z.shape[1]]
+
+        guided = self.meanflow.guided and y_in is not None
+        step_out = self.meanflow.objective(z, u_fn, v_fn if guided else None, drop)
+        loss = step_out.loss
+        out: dict[str, Tensor] = {"loss/flow": loss.detach(), **step_out.logs}
+        if len(self.alignment):
+            ctx = VisionAlignContext(
+                batch=batch,
+                features={
+                    k: TokenSet(x, b, None, z.shape[0]) for k, (x, b) in zip(self._layers, step_out.aux, strict=True)
+                },
+                t=step_out.t,
+                device=z.device,
             )
             align_loss, logs = self.alignment(ctx, step)
             if align_loss is not None:
@@ -377,7 +493,11 @@ class VisionFlowTask(Task):
                     def vel(state, t, yy=y):
                         return model_fn(state, t, yy)
 
-                if sampler == "sde":
+                if self.prediction != "velocity":  # x0/eps -> velocity after guidance (affine in the prediction)
+                    vel = self._as_velocity(vel)
+                if sampler == "meanflow":
+                    out = sample_meanflow(self._average_velocity(y, scale, interval), x1, steps=steps)
+                elif sampler == "sde":
                     g = torch.Generator().manual_seed(seed * 100003 + i)
                     out = sample_sde(vel, x1, steps=steps, shift=shift, generator=g)
                 else:
@@ -389,6 +509,32 @@ class VisionFlowTask(Task):
         if self.tokenizer is not None:
             samples = torch.cat([self.tokenizer.decode(s.to(device)).cpu() for s in samples.split(bs)])
         return samples, labels
+
+    def _as_velocity(self, fn):
+        kind, clamp = self.prediction, getattr(self.flow, "clamp", 1e-3)
+
+        def vel(state: Tensor, t: Tensor) -> Tensor:
+            return pred_to_velocity(fn(state, t), kind, state, t, clamp)
+
+        return vel
+
+    def _average_velocity(self, y: Tensor, scale: float, interval: tuple[float, float]):
+        """MeanFlow's ``u(z, t, r)`` on flattened states, guided ``u_u + scale (u_c - u_u)`` for t in ``interval``."""
+        shape = self._latent_shape()
+        guide = self.num_classes > 0 and scale != 1.0
+
+        def u_fn(state: Tensor, t: Tensor, r: Tensor) -> Tensor:
+            xx = state.reshape(-1, *shape)
+            y_in = y if self.num_classes > 0 else None
+            inside = bool(((t >= interval[0]) & (t <= interval[1])).any())
+            if not (guide and inside):
+                return self.model(xx, t, y_in, t_minus_r=t - r)[:, : shape[0]].flatten(1)
+            yy = torch.cat([y, torch.full_like(y, self.num_classes)])
+            u = self.model(torch.cat([xx, xx]), torch.cat([t, t]), yy, t_minus_r=torch.cat([t - r, t - r]))
+            u_c, u_u = u[:, : shape[0]].flatten(1).chunk(2)
+            return u_u + scale * (u_c - u_u)
+
+        return u_fn
 
     def sample(self, out_dir: Path, num: int, seed: int, **kwargs: Any) -> dict[str, Any]:
         """Write ``samples.npz`` (images in [-1, 1], labels) and ``samples.png`` (a grid) under ``out_dir``."""

@@ -4,6 +4,9 @@ Peebles & Xie, "Scalable Diffusion Models with Transformers" (DiT, ICCV 2023; fa
 Ma et al., "SiT: Exploring Flow and Diffusion-based Generative Models with Scalable Interpolant Transformers"
 (willisma/SiT); the REPA variant (Yu et al., ICLR 2025; sihyun-yu/REPA ``models/sit.py``) adds qk-norm and exposes
 hidden states for alignment; REG (Wu et al. 2025; Martinser/REG) prepends the teacher's noised class token.
+MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"; Gsunshine/meanflow
+``models/models_dit.py``) conditions on two times: ``interval_embed=True`` adds a second timestep embedder for the
+interval ``h = t - r``, summed into the condition (``c = t_emb + h_emb + y_emb``, the anchor's ``h_embedder``).
 
 The architecture follows the anchors exactly: 2-D sin-cos positional embedding (frozen), 256-d sinusoidal timestep
 embedding + MLP, label table with a null class (index ``num_classes``) and label dropout, blocks with
@@ -111,8 +114,11 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t: Tensor) -> Tensor:
-        # times in [0, 1] as they are (scale 1, SiT/REPA), in float32 whatever t's dtype (the samplers' float64 grid)
-        freq = timestep_embedding(t.float(), self.frequency_embedding_size)
+        # times in [0, 1] as they are (scale 1, SiT/REPA), in float32 whatever t's dtype (the samplers' float64 grid);
+        # a float64 model embeds in float64 (finite-difference checks of MeanFlow's time derivative need it)
+        freq = timestep_embedding(
+            t.to(torch.promote_types(self.mlp[0].weight.dtype, torch.float32)), self.frequency_embedding_size
+        )
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -237,6 +243,9 @@ class SiT(nn.Module):
         cls_token_dim: REG: the teacher class-token size; when set, ``forward(..., cls=z_t)`` embeds the noised
             class token (Linear + LayerNorm), prepends it as token 0 and predicts its velocity with a zero-initialised
             head.
+        interval_embed: MeanFlow: embed the interval ``h = t - r`` with a second timestep embedder and add it to the
+            condition; ``forward(..., t_minus_r=h)`` then predicts the average velocity ``u(z_t, r, t)``, and with
+            ``h`` omitted (``r = t``) the instantaneous velocity. Off: the model takes one time, as every other recipe.
     """
 
     def __init__(
@@ -253,6 +262,7 @@ class SiT(nn.Module):
         learn_sigma: bool = False,
         qk_norm: bool = False,
         cls_token_dim: int | None = None,
+        interval_embed: bool = False,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -269,12 +279,14 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
         self.cls_token_dim = cls_token_dim
+        self.interval_embed = bool(interval_embed)
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
 
         # patch embedding as a strided conv, as timm's PatchEmbed does for DiT
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        self.h_embedder = TimestepEmbedder(hidden_size) if self.interval_embed else None  # MeanFlow's t - r
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         self.register_buffer("pos_embed", torch.zeros(1, self.num_patches, hidden_size), persistent=False)
         if cls_token_dim is not None:
@@ -302,6 +314,9 @@ class SiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.h_embedder is not None:  # as the t embedder (Gsunshine/meanflow, zhuyu-cs/MeanFlow)
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.h_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output starts at zero
         for block in self.blocks:
             nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
@@ -336,8 +351,12 @@ class SiT(nn.Module):
             return None
         return torch.rand(y.shape[0], device=y.device) < emb.dropout_prob
 
-    def _condition(self, t: Tensor, y: Tensor | None, force_drop_ids: Tensor | None) -> Tensor:
+    def _condition(self, t: Tensor, y: Tensor | None, force_drop_ids: Tensor | None, h: Tensor | None = None) -> Tensor:
         c = self.t_embedder(t)  # (B, D)
+        if self.h_embedder is not None:
+            c = c + self.h_embedder(torch.zeros_like(t) if h is None else h)  # h = t - r; omitted: r = t
+        elif h is not None:
+            raise ValueError("this SiT takes one time: build it with interval_embed=True to pass t_minus_r (MeanFlow)")
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this SiT is class-conditional (num_classes > 0): pass labels y")
@@ -368,6 +387,7 @@ class SiT(nn.Module):
         force_drop_ids: Tensor | None = None,
         keep_prefix: bool = False,
         attention: Sequence[int] = (),
+        t_minus_r: Tensor | None = None,
     ) -> tuple[Tensor | tuple[Tensor, Tensor], list[TokenSet]] | tuple[Any, list[TokenSet], dict[int, Tensor]]:
         """Run the model and return the hidden tokens at ``indices`` (:mod:`unirep.intermediates` convention).
 
@@ -379,6 +399,9 @@ class SiT(nn.Module):
         class token included) are returned too, computed by the explicit attention path; the return value is then
         ``(out, feats, {block: logits})``.
 
+        ``t_minus_r``: MeanFlow's interval ``h = t - r`` per item ``[B]`` (a model built with ``interval_embed``);
+        ``out`` is then the average velocity over ``[r, t]``.
+
         Returns:
             ``(out, feats)``: ``out`` is the predicted velocity ``[B, C_out, H, W]``, or ``(velocity, cls_velocity)``
             when ``cls`` is given; ``feats`` one TokenSet per index.
@@ -388,7 +411,7 @@ class SiT(nn.Module):
         if 0 in attn_blocks:
             raise ValueError("attention logits exist for blocks 1..L only (0 is the embedded input)")
         h, n_prefix = self._embed(x, cls)
-        c = self._condition(t, y, force_drop_ids)
+        c = self._condition(t, y, force_drop_ids, t_minus_r)
         keep = 0 if keep_prefix else n_prefix
         want = set(take)
         by_index: dict[int, Tensor] = {0: h[:, keep:]} if 0 in want else {}
@@ -416,9 +439,11 @@ class SiT(nn.Module):
         y: Tensor | None = None,
         cls: Tensor | None = None,
         force_drop_ids: Tensor | None = None,
+        t_minus_r: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Velocity ``[B, C_out, H, W]`` (and the class-token velocity ``[B, cls_token_dim]`` when ``cls`` is given)."""
-        out, _ = self.forward_intermediates(x, t, y, (), cls=cls, force_drop_ids=force_drop_ids)
+        """Velocity ``[B, C_out, H, W]`` (and the class-token velocity ``[B, cls_token_dim]`` when ``cls`` is given);
+        with ``t_minus_r`` (``interval_embed``) MeanFlow's average velocity over ``[r, t]``."""
+        out, _ = self.forward_intermediates(x, t, y, (), cls=cls, force_drop_ids=force_drop_ids, t_minus_r=t_minus_r)
         return out
 
 
