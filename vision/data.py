@@ -9,9 +9,11 @@ Items are dicts ``{"x": Tensor[C, H, W], "image": Tensor[C', H', W'], "y": long,
 
 Data sets:
 
-- :class:`ImageFolder`: ``root/<class>/<image>`` (or a flat folder, unconditional); PIL decoding; corrupt files and
-  empty class folders are reported, by name, when the data set is built (before training starts); images are resized
-  (shorter side) and centre-cropped to ``resolution`` (ADM's center crop, as REPA's preprocessing uses).
+- :class:`ImageFolder`: ``root/<class>/<image>`` (or a flat folder, unconditional), ImageNet-sized: listed with
+  ``os.scandir``, labels from the sorted class folders, PIL decoding when an item is read; corrupt files are reported
+  by name when the data set is built (folders up to 20,000 images; larger ones when read) and stop the run or are
+  skipped (``on_error``); empty class folders are refused; images are centre-cropped to ``resolution`` with ADM's
+  ``center_crop_arr`` (box-filter halving, bicubic resize, centre crop), as REPA's preprocessing does.
 - :class:`LatentFolder`: precomputed latents (``.npy``/``.npz``/``.safetensors``, one per image) with a
   ``dataset.json`` of labels ``{"labels": [[relative_path, label], ...]}`` as REPA's ``preprocessing/dataset_tools.py``
   writes, optionally paired with the image folder the teacher reads.
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import abc
 import json
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,10 +50,16 @@ __all__ = [
     "image_folder_data",
     "latent_folder_data",
     "IMAGE_EXTENSIONS",
+    "FLIP_TAG",
+    "center_crop_arr",
+    "read_image_array",
+    "list_image_folder",
+    "scan_images",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 LATENT_EXTENSIONS = (".npy", ".npz", ".safetensors")
+FLIP_TAG = ".flip"  # name tag of a mirrored copy's latent file: a/b.flip.npy is a/b mirrored
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,71 +231,143 @@ class NaturalCrops(_Flippable):
         return {"x": x, "image": x, "y": torch.tensor(0), "id": self.ids[i]}
 
 
-def _load_image(path: Path, resolution: int, channels: int) -> Tensor:
-    """Decode with PIL, resize the shorter side and centre-crop to ``resolution``; [-1, 1], ``[C, R, R]``."""
+def center_crop_arr(pil_image: Any, image_size: int) -> np.ndarray:
+    """ADM's centre crop (openai/guided-diffusion ``image_datasets.py``, as REPA's ``center-crop-dhariwal``):
+    halve with a box filter while the shorter side is at least ``2 * image_size``, resize bicubically so the shorter
+    side is ``image_size``, crop the centre square. Returns ``uint8 [image_size, image_size(, C)]``."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.asarray(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top : top + image_size, left : left + image_size]
+
+
+def read_image_array(path: str | Path, resolution: int, channels: int = 3) -> np.ndarray:
+    """Decode with PIL and centre-crop (:func:`center_crop_arr`); ``uint8 [R, R, C]``. An unreadable file raises a
+    ``ValueError`` that names it."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
             im = im.convert("RGB" if channels == 3 else "L")
-    except Exception as err:
-        raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file.") from err
-    w, h = im.size
-    scale = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    return _to_range(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    except Exception as err:  # noqa: BLE001 (PIL raises many kinds: UnidentifiedImageError, SyntaxError, OSError)
+        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file.") from err
+    arr = center_crop_arr(im, resolution)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _load_image(path: Path, resolution: int, channels: int) -> Tensor:
+    """:func:`read_image_array` as ``[C, R, R]`` in [-1, 1]."""
+    arr = read_image_array(path, resolution, channels).astype(np.float32) / 255.0
+    return _to_range(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
 
 
 def _list_files(root: Path, exts: Sequence[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
 
 
-def _check_class_folders(root: Path, files: Sequence[Path]) -> None:
-    """An empty class folder would silently shift the labels of every later class: refuse it by name."""
-    used = {f.relative_to(root).parts[0] for f in files if f.parent != root}
-    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in used)
-    if empty and used:
+def _scan_tree(folder: str, exts: Sequence[str]) -> list[str]:
+    """Image files under ``folder`` (any depth, hidden entries skipped), relative, in sorted order; ``os.scandir``
+    reads the file type from the directory entry, so listing a million files costs no ``stat`` per file."""
+    out: list[str] = []
+    with os.scandir(folder) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir():
+            out.extend(f"{e.name}/{sub}" for sub in _scan_tree(e.path, exts))
+        elif e.is_file() and os.path.splitext(e.name)[1].lower() in exts:
+            out.append(e.name)
+    return out
+
+
+def list_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """``(relative files, labels, classes)`` of ``root/<class>/...`` (labels from the sorted top-level folder names,
+    files sorted within each) or of a flat folder (no classes, labels 0). Refuses an empty folder, a mix of top-level
+    images and class folders, and an empty class folder (it would shift the labels of every later class)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist: set data.root to a folder of images")
+    with os.scandir(root) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    dirs = [e for e in entries if e.is_dir()]
+    top = [e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+    per_class = {d.name: _scan_tree(d.path, IMAGE_EXTENSIONS) for d in dirs}
+    if not top and not any(per_class.values()):
+        raise ValueError(
+            f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}): put images under "
+            f"{root}/<class>/ or directly in it"
+        )
+    if top and any(per_class.values()):
+        raise ValueError(f"{root} mixes images at the top level with class folders: use one layout")
+    if top:
+        return top, [0] * len(top), []
+    empty = [c for c, files in per_class.items() if not files]
+    if empty:
         raise ValueError(
             f"image folder {root}: class folder(s) {empty} hold no images ({', '.join(IMAGE_EXTENSIONS)}); labels come "
             "from the sorted folder names, so an empty one shifts the later classes. Add images or remove the folder(s)"
         )
+    classes = sorted(per_class)
+    files = [f"{c}/{f}" for c in classes for f in per_class[c]]
+    labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
+    return files, labels, classes
 
 
-def scan_images(files: Sequence[Path]) -> None:
+def scan_images(files: Sequence[Path], on_error: str = "stop") -> list[tuple[Path, str]]:
     """Open every image's header and check its structure (PIL ``verify``: PNG chunk checksums, truncation), so a
-    corrupt file stops the run when the data set is built, not when a batch reaches it mid-run."""
+    corrupt file stops the run when the data set is built, not when a batch reaches it mid-run.
+
+    ``on_error="stop"`` raises naming the bad files; ``"skip"`` returns them as ``(path, reason)`` pairs instead."""
     from PIL import Image
 
+    _check_on_error(on_error)
     bad = []
     for path in files:
         try:
             with Image.open(path) as im:
                 im.verify()
         except Exception as err:  # noqa: BLE001 (PIL raises many kinds: UnidentifiedImageError, SyntaxError, OSError)
-            bad.append(f"{path} ({type(err).__name__}: {err})")
-    if bad:
-        shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise ValueError(f"{len(bad)} unreadable image(s): {shown}. Remove or replace the file(s)")
+            bad.append((Path(path), f"{type(err).__name__}: {err}"))
+    if bad and on_error == "stop":
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(
+            f"{len(bad)} unreadable image(s): {shown}. Remove or replace the file(s), or skip them (on_error=skip)"
+        )
+    return bad
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+
+
+SCAN_AUTO_LIMIT = 20_000  # scan="auto" verifies folders up to this size at build; larger ones are checked when read
 
 
 class ImageFolder(_Flippable):
-    """Images under ``root``: ``root/<class_name>/*.png`` (classes sorted by name) or flat (unconditional).
+    """Images under ``root``: ``root/<class_name>/...`` (classes sorted by name; ImageNet's ``train/``) or flat
+    (unconditional).
+
+    Built for ImageNet-sized folders: the listing uses ``os.scandir`` (no ``stat`` or decode per file) and is kept as
+    one byte array, not a million ``Path`` objects (which DataLoader workers would copy page by page); images are
+    decoded only when an item is read.
 
     Args:
         root: the folder.
-        resolution: images are resized (shorter side) and centre-cropped to this size.
+        resolution: images are centre-cropped to this size as ADM and REPA do (:func:`center_crop_arr`).
         channels: 3 (RGB) or 1 (grey).
         split, val_fraction, seed: a fixed held-out split over the sorted file list.
         hflip: add mirrored copies.
-        scan: check every image of the split when the data set is built (:func:`scan_images`); empty class folders
-            are refused in any case.
+        scan: check every image of the split when the data set is built (:func:`scan_images`); ``"auto"`` does so
+            for up to :data:`SCAN_AUTO_LIMIT` files. Empty class folders are refused in any case.
+        on_error: a bad file found by the scan or when an item is read: ``"stop"`` raises naming it; ``"skip"``
+            warns naming it and leaves it out (found by the scan) or returns the next readable item in its place
+            (found when read). Skipped files are listed in :attr:`skipped`.
     """
 
     def __init__(
@@ -297,41 +379,67 @@ class ImageFolder(_Flippable):
         val_fraction: float = 0.0,
         seed: int = 0,
         hflip: bool = True,
-        scan: bool = True,
+        scan: bool | str = "auto",
+        on_error: str = "stop",
     ):
+        _check_on_error(on_error)
+        if scan not in (True, False, "auto"):
+            raise ValueError(f"scan must be true, false or 'auto', got {scan!r}")
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist: set data.root to a folder of images")
-        files = _list_files(self.root, IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(
-                f"image folder {self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}): put images under "
-                f"{self.root}/<class>/ or directly in it"
-            )
-        classes = sorted({f.parent.name for f in files if f.parent != self.root})
-        if classes and any(f.parent == self.root for f in files):
-            raise ValueError(f"{self.root} mixes images at the top level with class folders: use one layout")
-        _check_class_folders(self.root, files)
+        files, labels, classes = list_image_folder(self.root)
         self.classes = classes
         self.num_classes = len(classes)
-        cidx = {c: i for i, c in enumerate(classes)}
-        labels = [cidx[f.parent.name] if classes else 0 for f in files]
         if split != "all":
             tr, va = split_indices(len(files), val_fraction, seed)
             keep = tr if split == "train" else va
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-        if scan:
-            scan_images(files)
-        self.files, self.labels = files, labels
-        self.resolution, self.channels, self.hflip = resolution, channels, hflip
+        self.skipped: list[tuple[Path, str]] = []
+        if scan is True or (scan == "auto" and len(files) <= SCAN_AUTO_LIMIT):
+            bad = scan_images([self.root / f for f in files], on_error)
+            if bad:
+                self._warn_skipped(bad)
+                drop = {p.relative_to(self.root).as_posix() for p, _ in bad}
+                kept = [(f, y) for f, y in zip(files, labels, strict=True) if f not in drop]
+                files, labels = [f for f, _ in kept], [y for _, y in kept]
+                if not files:
+                    raise ValueError(f"image folder {self.root}: every image of the split is unreadable")
+        self._rel = np.array([f.encode("utf-8") for f in files], dtype=np.bytes_)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self.resolution, self.channels, self.hflip, self.on_error = resolution, channels, hflip, on_error
+
+    def _warn_skipped(self, bad: Sequence[tuple[Path, str]]) -> None:
+        self.skipped.extend(bad)
+        shown = "; ".join(f"{p} ({r})" for p, r in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.warn(f"ImageFolder {self.root}: skipping {len(bad)} unreadable image(s): {shown}", stacklevel=3)
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.root / r.decode("utf-8") for r in self._rel]
+
+    @property
+    def labels(self) -> list[int]:
+        return self._labels.tolist()
+
+    def relative_path(self, i: int) -> str:
+        return self._rel[i].decode("utf-8")
 
     def _len(self) -> int:
-        return len(self.files)
+        return len(self._rel)
 
     def _get(self, i: int) -> dict[str, Any]:
-        x = _load_image(self.files[i], self.resolution, self.channels)
-        rel = self.files[i].relative_to(self.root).as_posix()
-        return {"x": x, "image": x, "y": torch.tensor(self.labels[i]), "id": rel}
+        n = self._len()
+        for k in range(min(n, 16)):  # on_error="skip": the next readable image stands in, up to 16 tries
+            j = (i + k) % n
+            rel = self.relative_path(j)
+            try:
+                x = _load_image(self.root / rel, self.resolution, self.channels)
+            except ValueError as err:
+                if self.on_error == "stop":
+                    raise ValueError(f"{err} (or skip unreadable files: on_error=skip)") from err.__cause__
+                self._warn_skipped([(self.root / rel, str(err.__cause__ or err))])
+                continue
+            return {"x": x, "image": x, "y": torch.tensor(int(self._labels[j])), "id": rel}
+        raise ValueError(f"image folder {self.root}: 16 consecutive unreadable images from item {i}; check the folder")
 
 
 def _load_latent(path: Path) -> Tensor:
@@ -357,7 +465,8 @@ class LatentFolder(Dataset):
 
     ``root/dataset.json`` holds ``{"labels": [[relative_latent_path, label], ...]}`` (``null`` labels: unconditional).
     With ``image_root``, the image for latent ``a/b.npy`` is the file ``image_root/a/b.<ext>`` (any image extension),
-    as REPA stores ``images/`` and ``vae-sd/`` side by side.
+    as REPA stores ``images/`` and ``vae-sd/`` side by side; a latent ``a/b.flip.npy`` with no image of its own
+    (``scripts/encode_latents.py``'s mirrored copy) reads ``a/b.<ext>`` mirrored.
     """
 
     def __init__(
@@ -403,19 +512,28 @@ class LatentFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _image_path(self, latent: Path) -> Path:
+    def _image_path(self, latent: Path) -> tuple[Path, bool]:
+        """The image of a latent and whether to mirror it (a ``.flip`` latent whose own image does not exist)."""
         assert self.image_root is not None
-        stem = self.image_root / latent.relative_to(self.root).with_suffix("")
-        for ext in IMAGE_EXTENSIONS:
-            if stem.with_suffix(ext).exists():
-                return stem.with_suffix(ext)
+        rel = latent.relative_to(self.root)
+        stem = self.image_root / rel.parent / rel.name[: -len(latent.suffix)]  # a/b.v2.npy -> a/b.v2 (keeps dots)
+        candidates = [(stem, False)]
+        if stem.name.endswith(FLIP_TAG):
+            candidates.append((stem.parent / stem.name[: -len(FLIP_TAG)], True))
+        for base, flip in candidates:
+            for ext in IMAGE_EXTENSIONS:
+                path = base.parent / (base.name + ext)
+                if path.exists():
+                    return path, flip
         raise FileNotFoundError(f"no image for latent {latent} under {self.image_root} (looked for {stem}.*)")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         x = _load_latent(self.files[i])
         item = {"x": x, "y": torch.tensor(self.labels[i]), "id": self.files[i].relative_to(self.root).as_posix()}
         if self.image_root is not None:
-            item["image"] = _load_image(self._image_path(self.files[i]), self.image_resolution, 3)
+            path, flip = self._image_path(self.files[i])
+            image = _load_image(path, self.image_resolution, 3)
+            item["image"] = image.flip(-1) if flip else image
         return item
 
 
@@ -452,11 +570,17 @@ def image_folder_data(
     val_fraction: float = 0.0,
     seed: int = 0,
     hflip: bool = True,
-    scan: bool = True,
+    scan: bool | str = "auto",
+    on_error: str = "stop",
 ):
+    """An :class:`ImageFolder` DataModule (``scan``/``on_error``: see there; ImageNet: ``scan=false``)."""
     split = "train" if val_fraction > 0 else "all"
-    train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip, scan)
-    val = ImageFolder(root, resolution, channels, "val", val_fraction, seed, False, scan) if val_fraction > 0 else None
+    train = ImageFolder(root, resolution, channels, split, val_fraction, seed, hflip, scan, on_error)
+    val = (
+        ImageFolder(root, resolution, channels, "val", val_fraction, seed, False, scan, on_error)
+        if val_fraction > 0
+        else None
+    )
     return _datamodule(
         train, val, dict(num_classes=train.num_classes, channels=channels, resolution=resolution, name=str(root))
     )

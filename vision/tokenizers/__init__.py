@@ -17,6 +17,7 @@ from vision.tokenizers.rae import (
     rae_decoder_xl,
     strip_final_norm_affine,
 )
+from vision.tokenizers.sdvae import SD_VAE_SCALING_FACTOR, SDVAE, load_sdvae, sd_vae
 from vision.tokenizers.svg import SVG, ResidualViT
 from vision.tokenizers.vavae import VAVAE, DiagonalGaussian, adaptive_weight
 
@@ -33,6 +34,10 @@ __all__ = [
     "VAVAE",
     "DiagonalGaussian",
     "adaptive_weight",
+    "SDVAE",
+    "SD_VAE_SCALING_FACTOR",
+    "load_sdvae",
+    "sd_vae",
     "SVG",
     "ResidualViT",
     "FAE",
