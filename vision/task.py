@@ -339,6 +339,11 @@ class VisionFlowTask(Task):
             loss_cls = (pred_cls.float() - v_cls).square().mean()
             loss = loss + self.cls_token.weight * loss_cls
             out["loss/cls"] = loss_cls.detach()
+        extra = getattr(model, "auxiliary_losses", None)
+        if extra is not None:  # the model's own losses of this pass (DeepFlow): name -> (value, weight)
+            for name, (value, weight) in extra(sample).items():
+                loss = loss + weight * value
+                out[f"loss/{name}"] = value.detach()
         if len(self.alignment):
 
             def rerun(module: nn.Module, t: Tensor, indices: list[int]) -> list[TokenSet]:
@@ -461,10 +466,18 @@ class VisionFlowTask(Task):
         self.model.eval()
         outs = []
         bs = batch_size or self.eval_batch
+        # a model that keeps state across sampling steps (DDT's encoder sharing) gives one velocity function per run
+        make_state = getattr(self.model, "make_sampler_state", None)
+        shared = None
+        if make_state is not None:
+            shared = make_state(steps=steps, shift=shift, sampler=sampler, cfg_scale=scale, guidance_interval=interval)
+        net = self.model if shared is None else shared
         try:
             for i in range(0, num, bs):
                 x1 = noise[i : i + bs].to(device, dtype)
                 y = labels[i : i + bs].to(device)
+                if shared is not None:
+                    shared.reset()  # a new batch; the NFE counters keep counting
 
                 def model_fn(state: Tensor, t: Tensor, yy: Tensor) -> Tensor:
                     xx = state[:, :n_img].reshape(-1, *shape)
@@ -472,7 +485,7 @@ class VisionFlowTask(Task):
                     if cls_dim:
                         v, v_cls = self.model(xx, t, y_in, cls=state[:, n_img:])
                         return torch.cat([v[:, : shape[0]].flatten(1), v_cls], dim=1)
-                    return self.model(xx, t, y_in)[:, : shape[0]].flatten(1)
+                    return net(xx, t, y_in)[:, : shape[0]].flatten(1)
 
                 if self.num_classes > 0:
                     if channels is not None:  # DiT's kept bug: guide only the first k channels of the image
@@ -505,6 +518,7 @@ class VisionFlowTask(Task):
                 outs.append(out[:, :n_img].reshape(-1, *shape).float().cpu())
         finally:
             self.model.train(was_training)
+        self.last_nfe = None if shared is None else dict(shared.nfe)  # {"encoder": calls, "decoder": calls}
         samples = torch.cat(outs)
         if self.tokenizer is not None:
             samples = torch.cat([self.tokenizer.decode(s.to(device)).cpu() for s in samples.split(bs)])
@@ -545,7 +559,8 @@ class VisionFlowTask(Task):
         npz, png = out_dir / "samples.npz", out_dir / "samples.png"
         np.savez(npz, images=images.numpy().astype(np.float32), labels=labels.numpy())
         save_grid(images[:100], png, nrow=max(self.num_classes, 10) if self.num_classes else 10)
-        return {"npz": str(npz), "png": str(png), "num": num, "seconds": round(time.time() - start, 2)}
+        nfe = {"nfe": self.last_nfe} if getattr(self, "last_nfe", None) else {}
+        return {"npz": str(npz), "png": str(png), "num": num, "seconds": round(time.time() - start, 2), **nfe}
 
     # -- evaluation ----------------------------------------------------------------------------------------------
     def _real_images(self, data: Any, num: int) -> tuple[Tensor, Tensor]:
