@@ -18,9 +18,28 @@ invocation (one model and one seed per ``train`` call). The full table:
     python scripts/bench_conformers.py --bench $B --out $O --parts reflow fewstep --models egnn --seeds 0
     python scripts/bench_conformers.py --bench $B --out $O --parts table
 
-Models: ``egnn`` (ET-Flow's recipe with the EGNN), ``et`` (with the equivariant transformer), ``egnn_repa`` (plus
-conformer REPA to the foundation MACE), ``egnn_plain`` (plain flow matching: no Kabsch, no bridge noise, MSE; the
-ablation of ET-Flow's pieces), ``egnn_repa_random`` (REPA to a random MACE: a control for the teacher's content).
+Models: ``egnn`` (ET-Flow's recipe with the EGNN), ``et`` (with the equivariant transformer), ``egnn_repa`` and
+``et_repa`` (each plus the same conformer REPA term to the foundation MACE; ``--teacher-path`` another teacher),
+``egnn_plain`` (plain flow matching: no Kabsch, no bridge noise, MSE; the ablation of ET-Flow's pieces),
+``egnn_repa_random`` (REPA to a random MACE: a control for the teacher's content), ``mace`` (a MACE velocity
+network, ``molecular.flows.MACEVelocityNet``, random trunk of the foundation force field's architecture;
+``--mace-channels`` / ``--mace-interactions`` resize it) and ``mace_ff`` (the same network with its trunk
+initialised from a MACE force field, bit for bit: the shared-backbone row; ``--ff-path``, default the recipe's
+``data/molecular/foundation``, made by ``unirep-train experiment=molecular/foundation``). ``--width`` / ``--depth``
+size the EGNN and ET only; the MACE rows keep the force field's architecture, so that ``mace`` and ``mace_ff``
+differ only in their initialisation:
+
+    for s in 0 1 2; do for m in mace mace_ff et_repa; do
+      python scripts/bench_conformers.py --bench $B --out $O --parts train eval --models $m --seeds $s --steps 20000
+    done; done
+
+Post-generation relaxation (``--relax mmff``, with ``eval``): every generated conformer of a model is optimised with
+RDKit's MMFF94 for ``--relax-steps`` iterations (500, as the ETKDG + MMFF baseline; topology from the molecule, so
+the bonds are the molecule's, whatever the generator produced) and scored as a separate method ``<model>+mmff``,
+whose seconds per conformer include generation and optimisation. That row is a force-field refinement of the
+generator's output, not the generator alone; compare it with ``rdkit_etkdg_mmff``, and the generator alone with
+``rdkit_etkdg``. Generated coordinates are kept under ``<out>/generated/`` so the relaxed row of an evaluated model
+is made without sampling again.
 """
 
 from __future__ import annotations
@@ -33,13 +52,25 @@ from pathlib import Path
 
 import numpy as np
 
+_ET = ["model@task.model=molecular_conf_et", "task.model.heads=4"]
+_QM9 = ["data=molecular_conf_qm9"]  # the MACE recipes start from the quick start's data config
+# name: (recipe, overrides, how --width/--depth apply: "hidden" for the EGNN / ET, "mace" for a random MACE trunk,
+# None where the architecture is a force field's)
 MODELS = {
-    "egnn": ("conformer_qm9", []),
-    "et": ("conformer_qm9", ["model@task.model=molecular_conf_et", "task.model.heads=4"]),
-    "egnn_plain": ("conformer_qm9", ["task.align_prior=false", "task.bridge_noise=0.0", "task.loss=mse"]),
-    "egnn_repa": ("conformer_qm9_repa", []),
-    "egnn_repa_random": ("conformer_qm9_repa", ["+task.teacher.random_init=true", "task.teacher.cache_dir=null"]),
+    "egnn": ("conformer_qm9", [], "hidden"),
+    "et": ("conformer_qm9", _ET, "hidden"),
+    "egnn_plain": ("conformer_qm9", ["task.align_prior=false", "task.bridge_noise=0.0", "task.loss=mse"], "hidden"),
+    "egnn_repa": ("conformer_qm9_repa", [], "hidden"),
+    "et_repa": ("conformer_qm9_repa", _ET, "hidden"),
+    "egnn_repa_random": (
+        "conformer_qm9_repa",
+        ["+task.teacher.random_init=true", "task.teacher.cache_dir=null"],
+        "hidden",
+    ),
+    "mace": ("conformer_mace", _QM9, "mace"),
+    "mace_ff": ("conformer_mace_ff", _QM9, None),
 }
+RELAX = ("mmff",)
 
 
 def _log(msg: str) -> None:
@@ -118,7 +149,7 @@ def run_dir(out: Path, model: str, seed: int) -> Path:
 def train(model: str, seed: int, args, train_sdf: Path, out: Path) -> Path:
     from unirep.cli import compose, run_train
 
-    recipe, extra = MODELS[model]
+    recipe, extra, arch = MODELS[model]
     run = run_dir(out, model, seed)
     overrides = [
         f"experiment=molecular/{recipe}",
@@ -138,19 +169,53 @@ def train(model: str, seed: int, args, train_sdf: Path, out: Path) -> Path:
         f"data.train={train_sdf}",
         "data.val=null",
         f"data.max_train_molecules={args.max_train or 'null'}",
-        f"task.model.hidden={args.width}",
-        f"task.model.num_layers={args.depth}",
         *extra,
     ]
+    if arch == "hidden":
+        overrides += [f"task.model.hidden={args.width}", f"task.model.num_layers={args.depth}"]
+    elif arch == "mace":
+        if args.mace_channels:
+            overrides.append(f"task.model.trunk.num_channels={args.mace_channels}")
+        if args.mace_interactions:
+            overrides.append(f"task.model.trunk.num_interactions={args.mace_interactions}")
     if recipe.endswith("_repa") and args.teacher_path and "random_init" not in " ".join(extra):
         overrides.append(f"task.teacher.path={args.teacher_path}")
+    if model == "mace_ff" and args.ff_path:
+        overrides.append(f"task.model.path={args.ff_path}")
     t0 = time.perf_counter()
     run_train(compose("train", overrides))
     _write(out / "results" / f"train_{model}_s{seed}.json", {"seconds": time.perf_counter() - t0, "steps": args.steps})
     return run
 
 
-def evaluate(model: str, seed: int, args, records, out: Path, steps: int, run: Path | None = None) -> dict:
+def generated_file(out: Path, model: str, seed: int) -> Path:
+    return out / "generated" / f"{model}_s{seed}.npz"
+
+
+def save_generated(path: Path, records, gen: list[np.ndarray], seconds: float, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"mol{i}": g for i, g in enumerate(gen)}
+    info = json.dumps({"smiles": [r.smiles for r in records], "seconds_per_conformer": seconds, **meta})
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, info=np.array(info), **arrays)
+    tmp.replace(path)
+
+
+def load_generated(path: Path, records) -> tuple[list[np.ndarray], float, dict] | None:
+    """Saved generations of exactly these molecules (else ``None``: the held-out set changed, sample again)."""
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        info = json.loads(str(z["info"]))
+        if info.pop("smiles") != [r.smiles for r in records]:
+            return None
+        gen = [z[f"mol{i}"] for i in range(len(records))]
+    return gen, info.pop("seconds_per_conformer"), info
+
+
+def evaluate(
+    model: str, seed: int, args, records, out: Path, steps: int, run: Path | None = None, keep: bool = False
+) -> dict:
     from unirep.train import load_task
 
     task, _ = load_task(run or run_dir(out, model, seed), ema=True)
@@ -159,7 +224,58 @@ def evaluate(model: str, seed: int, args, records, out: Path, steps: int, run: P
     gen = task.generate(records, counts, seed=1000 + seed, steps=steps)
     sec = (time.perf_counter() - t0) / max(1, sum(counts))
     meta = json.loads((out / "results" / f"train_{model}_s{seed}.json").read_text()) if run is None else {}
-    return score(records, gen, sec, {"sample_steps": steps, "train_steps": meta.get("steps"), "flips": task.last_flips})
+    extra = {"sample_steps": steps, "train_steps": meta.get("steps"), "flips": task.last_flips}
+    if keep:
+        save_generated(generated_file(out, model, seed), records, gen, sec, extra)
+    return score(records, gen, sec, extra)
+
+
+def mmff_relax(records, generated: list[np.ndarray], steps: int) -> tuple[list[np.ndarray], float, dict]:
+    """MMFF94-optimise every generated conformer for ``steps`` iterations, the topology (bonds, charges) taken from
+    the molecule; returns the relaxed coordinates, seconds per conformer and counts of what could not be relaxed.
+
+    A non-finite generation stays a failure; a molecule MMFF94 has no parameters for keeps its generated coordinates
+    (counted in ``mmff_unparametrised``)."""
+    from rdkit.Chem import AllChem
+
+    from molecular.conformers import with_coordinates
+
+    t0 = time.perf_counter()
+    out, unparam, not_converged, total = [], 0, 0, 0
+    for rec, pos in zip(records, generated, strict=True):
+        total += len(pos)
+        ok = [k for k in range(len(pos)) if np.isfinite(pos[k]).all()]
+        relaxed = np.array(pos, dtype=float, copy=True)
+        if not ok:
+            out.append(relaxed)
+            continue
+        if not AllChem.MMFFHasAllMoleculeParams(rec.mol):
+            unparam += len(ok)
+            out.append(relaxed)
+            continue
+        mol = with_coordinates(rec.mol, pos[ok[0]])
+        mol.RemoveAllConformers()
+        for k in ok:
+            mol.AddConformer(with_coordinates(rec.mol, pos[k]).GetConformer(), assignId=True)
+        res = AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=steps)
+        not_converged += sum(1 for flag, _ in res if flag == 1)
+        for conf, k in zip(mol.GetConformers(), ok, strict=True):
+            relaxed[k] = conf.GetPositions()
+        out.append(relaxed)
+    sec = (time.perf_counter() - t0) / max(1, total)
+    return out, sec, {"mmff_unparametrised": unparam, "mmff_not_converged": not_converged, "relax_steps": steps}
+
+
+def relax_row(model: str, seed: int, args, records, out: Path) -> dict:
+    """``<model>+mmff``: the model's generations (saved by ``eval``, else sampled again) after MMFF94 optimisation."""
+    saved = load_generated(generated_file(out, model, seed), records)
+    if saved is None:
+        evaluate(model, seed, args, records, out, args.sample_steps, keep=True)
+        saved = load_generated(generated_file(out, model, seed), records)
+    gen, gen_sec, meta = saved
+    relaxed, relax_sec, info = mmff_relax(records, gen, args.relax_steps)
+    extra = {**meta, **info, "generation_seconds_per_conformer": gen_sec, "relax_seconds_per_conformer": relax_sec}
+    return score(records, relaxed, gen_sec + relax_sec, extra)
 
 
 def table(out: Path) -> str:
@@ -218,6 +334,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--train-sdf", default=None, help="training ensembles (default: the benchmark's train.sdf)")
     p.add_argument("--teacher-path", default=None, help="the REPA teacher (default: the recipe's foundation MACE)")
+    p.add_argument(
+        "--ff-path",
+        default=None,
+        help="mace_ff: the MACE force field (default: the recipe's data/molecular/foundation)",
+    )
+    p.add_argument("--mace-channels", type=int, default=None, help="mace: trunk channels (default: the recipe's)")
+    p.add_argument("--mace-interactions", type=int, default=None, help="mace: trunk interactions (default: recipe's)")
+    p.add_argument(
+        "--relax",
+        nargs="*",
+        default=[],
+        choices=RELAX,
+        help="also score each model's conformers after a force-field relaxation, as method <model>+<kind>",
+    )
+    p.add_argument("--relax-steps", type=int, default=500, help="MMFF94 iterations (ETKDG + MMFF uses 500)")
     p.add_argument("--max-train", type=int, default=None, help="cap on training molecules")
     p.add_argument("--max-test", type=int, default=None, help="cap on held-out molecules")
     p.add_argument("--sample-steps", type=int, default=50)
@@ -250,9 +381,15 @@ def main(argv: list[str] | None = None) -> None:
                 train(model, seed, args, train_sdf, out)
             f = out / "results" / f"{model}_s{seed}.json"
             if "eval" in args.parts and not f.exists():
-                r = evaluate(model, seed, args, records, out, args.sample_steps)
+                r = evaluate(model, seed, args, records, out, args.sample_steps, keep=bool(args.relax))
                 _write(f, r)
                 _log(f"{model} seed {seed}: COV-R {100 * r['cov_r_mean']:.1f} %, graph {100 * r['valid_graph']:.1f} %")
+            for kind in args.relax if "eval" in args.parts else []:
+                f = out / "results" / f"{model}+{kind}_s{seed}.json"
+                if not f.exists():
+                    r = relax_row(model, seed, args, records, out)
+                    _write(f, r)
+                    _log(f"{model}+{kind} seed {seed}: COV-R {100 * r['cov_r_mean']:.1f} %")
             if "reflow" in args.parts and not (out / "results" / f"train_reflow_{model}_s{seed}.json").exists():
                 from unirep.cli import compose, run_train
 
