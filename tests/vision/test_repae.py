@@ -21,7 +21,7 @@ from unirep.align import AlignmentTerm, ProjectorMLP, TeacherTarget
 from vision.encoders import TimmViTEncoder
 from vision.losses import PatchDiscriminator
 from vision.models.sit import SiT
-from vision.repae import LatentBatchNorm, REPAETask, export_tokenizer, load_exported_tokenizer
+from vision.repae import LatentBatchNorm, REPAETask, export_checkpoint, export_tokenizer, load_exported_tokenizer
 from vision.tokenizers import VAVAE
 from vision.tokenizers.tasks import load_tokenizer
 
@@ -262,5 +262,8 @@ def test_recipes_chain_repae_then_a_sit_on_the_export(tmp_path):
     trained = load_file(str(result["checkpoint"] / "model.safetensors"))
     for key in ("latent_mean", "latent_std", "encoder.conv_in.weight", "decoder.conv_out.weight"):
         assert torch.equal(trained[f"tokenizer.{key}"], exported[f"tokenizer/{key}"]), key
+    again = export_checkpoint(tmp_path / "repae", tmp_path / "again")  # `python -m vision.repae <run> <out>`
+    redone = load_file(str(again / "tokenizer.safetensors"))
+    assert set(redone) == set(exported) and all(torch.equal(redone[k], exported[k]) for k in exported)
     bn_var = exported["latent_norm/running_var"]
     assert torch.equal(exported["tokenizer/latent_std"].flatten(), (bn_var + 1e-4).sqrt())
