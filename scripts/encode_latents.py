@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an untrained SD-VAE (stabilityai/sd-vae-ft-* architecture, seed 0): throughput measurements only",
     )
     p.add_argument("--vae-subfolder", default=None, help="e.g. 'vae' inside a Stable Diffusion pipeline folder")
+    p.add_argument(
+        "--statistics",
+        default=None,
+        help="latent_stats.json of an earlier run (its raw_mean/raw_std): store per-channel normalised latents",
+    )
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True, help="also store mirror images")
     p.add_argument("--raw", action="store_true", help="store unnormalised latents (default: tokenizer.encode)")
@@ -95,6 +100,7 @@ def tokenizer_spec(args: argparse.Namespace) -> dict[str, Any]:
         "random_sdvae": bool(args.random_sdvae),
         "sample": bool(args.sample),
         "seed": int(args.seed),
+        "statistics": args.statistics,
     }
 
 
@@ -112,6 +118,16 @@ def build_tokenizer(spec: dict[str, Any], device: str):
     else:
         torch.manual_seed(spec["seed"])
         tok = sd_vae(sample_latents=spec["sample"])
+    if spec.get("statistics"):  # LightningDiT's latent_norm: per-channel statistics measured by a first pass
+        stats = json.loads(Path(spec["statistics"]).read_text(encoding="utf-8"))
+        shape = tok.latent_mean.shape
+        if "raw_mean" not in stats or len(stats["raw_mean"]) != shape[0] or shape[1:] not in ((1, 1), ()):
+            raise ValueError(
+                f"{spec['statistics']} needs raw_mean/raw_std with {shape[0]} channels (encode_latents' latent_stats"
+                f".json) for a tokenizer with channel statistics {tuple(shape)}"
+            )
+        tok.latent_mean.copy_(torch.tensor(stats["raw_mean"]).reshape(shape))
+        tok.latent_std.copy_(torch.tensor(stats["raw_std"]).reshape(shape))
     tok.requires_grad_(False)
     return tok.eval().to(device)
 

@@ -144,6 +144,11 @@ def test_encode_round_trips_through_the_latent_folder(tmp_path, vae_dir):
     assert np.allclose(stats["raw_mean"], raw.mean((0, 2, 3)).numpy(), atol=1e-5)
     assert np.allclose(stats["raw_std"], raw.transpose(0, 1).flatten(1).std(1).numpy(), rtol=1e-5)
     assert stats["latents"] == 12 and stats["positions"] == 12 * 64
+    # a second pass with the first pass's raw statistics stores per-channel normalised latents (LightningDiT)
+    _run(mod, source, tmp_path / "norm", vae_dir, "--statistics", str(dest / "latent_stats.json"))
+    normed = json.loads((tmp_path / "norm" / "latent_stats.json").read_text())
+    assert np.allclose(normed["mean"], 0.0, atol=1e-5) and np.allclose(normed["std"], 1.0, atol=1e-5)
+    assert np.allclose(normed["raw_mean"], stats["raw_mean"], atol=1e-6)
 
 
 def test_resume_skips_finished_shards_and_refuses_other_options(tmp_path, vae_dir):
