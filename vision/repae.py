@@ -29,7 +29,8 @@ generator loss, detached latent in (b)), then one AdamW step, is the same update
 separately and the anchor uses one learning rate (1e-4) and the same betas for all three optimisers. Differences:
 gradient clipping is global (``trainer.grad_clip``) instead of per model; the BatchNorm statistics are copied into
 the EMA rather than averaged; the aligned diffusion pass in (a) runs the whole network instead of stopping at the
-aligned block (the extra output is unused); the discriminator sees real and fake images in one batch.
+aligned block (the extra output is unused); the discriminator sees real and fake images in one batch; under
+``torchrun`` the BatchNorm is a plain one (DDP broadcasts rank 0's running statistics), the anchor's a SyncBatchNorm.
 
 Export (:func:`export_tokenizer`, written by :meth:`REPAETask.evaluate` to ``<out_dir>/tokenizer``): the tuned VAE
 with ``latent_mean = running_mean`` and ``latent_std = sqrt(running_var + eps)`` (what the diffusion model saw; the
@@ -107,7 +108,7 @@ def _frozen(*modules: nn.Module) -> Iterator[None]:
     """Parameters of ``modules`` out of the graph and the modules in eval mode (the anchor's ``requires_grad(model,
     False); model.eval()``), restored afterwards. Gradients still flow through their activations to the inputs."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    modes = [(m, m.training) for m in modules for m in m.modules()]
+    modes = [(sub, sub.training) for module in modules for sub in module.modules()]
     for p in params:
         p.requires_grad_(False)
     for m, _ in modes:
