@@ -134,3 +134,28 @@ def test_diffaug_gan_players_get_only_their_own_gradients():
     assert torch.autograd.grad(d_loss, fake, allow_unused=True)[0] is None
     assert any(gr is not None and gr.abs().sum() > 0 for gr in torch.autograd.grad(d_loss, heads, allow_unused=True))
     assert all(p.requires_grad for p in heads)  # switched back on after the generator's pass
+
+
+class _Recorder(torch.nn.Module):
+    """A discriminator that remembers what it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return (self.w * x).flatten(1).mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_diffaug_gan_pairs_the_transform_of_real_and_fake(paired):
+    torch.manual_seed(0)
+    rec = _Recorder()
+    gan = DiffAugGAN(rec, DiffAugment("color,translation,cutout"), paired=paired, quantize_fake=False)
+    real = torch.rand(4, 1, 16, 16) * 2 - 1
+    gan.losses(real, real.clone(), generator=False)
+    seen_real, seen_fake = rec.seen  # the discriminator's real pass, then its fake pass
+    assert torch.equal(seen_real, seen_fake) == paired
+    assert not torch.equal(seen_real, real)  # an augmentation was applied
