@@ -161,6 +161,7 @@ FACTORIES: set[str] = {
     *(f"vision.models.ddt.ditdh_{n}" for n in ("tiny", "s", "b", "xl")),
     *(f"vision.tokenizers{m}.rae_decoder_{n}" for m in ("", ".rae") for n in ("tiny", "small", "base", "large", "xl")),
     "vision.tokenizers.tasks.load_tokenizer",
+    *(f"vision.tokenizers{m}.load_sdvae" for m in ("", ".sdvae")),
     "vision.teacher.digits_teacher",
     *(f"molecular.teachers{m}.{n}" for m in ("", ".mace") for n in ("mace_teacher", "random_mace_teacher")),
     *(f"molecular.tokenizers{m}.local_ae_{n}" for m in ("", ".local_ae") for n in ("small", "tiny")),
