@@ -431,6 +431,7 @@ class VisionFlowTask(Task):
         shift: float | None = None,
         batch_size: int | None = None,
         cls_cfg_scale: float | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw ``num`` samples (decoded to images when a tokenizer is set) and their labels; deterministic in seed.
 
@@ -470,7 +471,12 @@ class VisionFlowTask(Task):
         make_state = getattr(self.model, "make_sampler_state", None)
         shared = None
         if make_state is not None:
-            shared = make_state(steps=steps, shift=shift, sampler=sampler, cfg_scale=scale, guidance_interval=interval)
+            opts = dict(sampler_options or {})  # DDT: sharing, sharing_rate (+sample.sampler_options.<key> in the CLI)
+            shared = make_state(
+                steps=steps, shift=shift, sampler=sampler, cfg_scale=scale, guidance_interval=interval, **opts
+            )
+        elif sampler_options:
+            raise ValueError(f"sampler_options {dict(sampler_options)} need a model with make_sampler_state (DDT)")
         net = self.model if shared is None else shared
         try:
             for i in range(0, num, bs):

@@ -185,3 +185,31 @@ def test_backward_reaches_every_parameter_and_xl_preset():
     with torch.device("meta"):
         xl = ddt_xl2(input_size=32, in_channels=4)
     assert (xl.depth, xl.num_encoder_blocks, xl.hidden_size, xl.num_heads) == (28, 22, 1152, 16)
+
+
+def test_sampler_options_choose_the_sharing_from_the_cli(tmp_path):
+    from unirep.cli import compose, run_sample, run_train
+
+    run = tmp_path / "run"
+    smoke = list(compose("train", ["experiment=vision/ddt"]).smoke)
+    run_train(compose("train", ["experiment=vision/ddt", "debug=smoke", *smoke, f"out_dir={run}"]))
+    cfg = compose(
+        "sample",
+        [
+            f"checkpoint={run}",
+            "num=4",
+            "device=cpu",
+            "+sample.steps=6",
+            "+sample.sampler_options.sharing=uniform",
+            "+sample.sampler_options.sharing_rate=2",
+        ],
+    )
+    assert run_sample(cfg)["nfe"] == {"encoder": 3, "decoder": 6}
+    with pytest.raises(ValueError, match="make_sampler_state"):
+        VisionFlowTask(_sit()).generate(1, steps=1, sampler_options={"sharing": "dp"})
+
+
+def _sit():
+    from vision.models.sit import SiT
+
+    return SiT(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3)
