@@ -203,11 +203,17 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
 
 
 def vanilla_g_loss(logits_fake: Tensor) -> Tensor:
-    """The non-saturating generator loss ``mean softplus(-D(fake))`` (RAE's ``gen_loss: vanilla``)."""
+    """RAE's ``gen_loss: vanilla`` (bytetriper/RAE ``src/disc/gan_loss.py`` ``vanilla_g_loss``): ``-mean D(fake)``,
+    the same function as taming's generator loss (:func:`hinge_g_loss`); RAE names it after its discriminator loss."""
+    return -logits_fake.mean()
+
+
+def non_saturating_g_loss(logits_fake: Tensor) -> Tensor:
+    """The non-saturating generator loss of Goodfellow et al. ``mean softplus(-D(fake))`` (StyleGAN's default)."""
     return F.softplus(-logits_fake).mean()
 
 
-GEN_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
+GEN_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss, "non_saturating": non_saturating_g_loss}
 
 
 def gan_losses(
@@ -215,16 +221,20 @@ def gan_losses(
 ) -> tuple[Tensor | None, Tensor]:
     """``(generator loss, discriminator loss)`` for one step of simultaneous updates.
 
-    ``gen_loss``: ``"hinge"`` (LDM, VA-VAE) or ``"vanilla"`` (non-saturating, RAE); the discriminator loss is the
-    hinge loss in both anchors. ``generator=False`` (the discriminator's warm-up before the generator sees the
-    adversarial term) skips the generator pass and returns ``None`` for its loss.
+    ``gen_loss``: ``"hinge"`` (LDM, VA-VAE), ``"vanilla"`` (RAE's name; the same ``-mean D(fake)``) or
+    ``"non_saturating"`` (softplus, what ``vanilla`` meant here before it was checked against RAE); the
+    discriminator loss is the hinge loss in both anchors. ``generator=False`` (the discriminator's warm-up before the
+    generator sees the adversarial term) skips the generator pass and returns ``None`` for its loss.
 
     The generator loss runs the discriminator with detached copies of its parameters (gradients reach ``x_fake``
     only); the discriminator loss sees detached images (gradients reach the discriminator only). Summing both and
     taking one optimiser step therefore updates each player with its own objective.
     """
     if gen_loss not in GEN_LOSSES:
-        raise ValueError(f"gen_loss must be one of {sorted(GEN_LOSSES)} (hinge: LDM, vanilla: RAE), got {gen_loss!r}")
+        raise ValueError(
+            f"gen_loss must be one of {sorted(GEN_LOSSES)} (hinge: LDM, vanilla: RAE, non_saturating: softplus), "
+            f"got {gen_loss!r}"
+        )
     g_loss = None
     if generator:
         params = {k: v.detach() for k, v in disc.named_parameters()}

@@ -278,12 +278,17 @@ def test_stage1_checkpoint_feeds_stage2_bit_for_bit(tmp_path):
     assert torch.equal(tok2.decode(z), tok.decode(z))
 
 
-def test_vanilla_generator_loss_is_non_saturating():
+def test_generator_losses_match_rae_and_the_non_saturating_definition():
+    from vision.losses import GEN_LOSSES, non_saturating_g_loss
+
     logits = torch.tensor([-3.0, 0.0, 2.0])
-    assert torch.allclose(vanilla_g_loss(logits), torch.log1p(torch.exp(-logits)).mean())
-    # unlike hinge's constant slope, its gradient is largest where the discriminator rejects the fake
+    # RAE's vanilla_g_loss (src/disc/gan_loss.py) is -mean(logits_fake), taming's generator loss
+    assert torch.allclose(vanilla_g_loss(logits), torch.tensor(1.0 / 3.0))
+    assert GEN_LOSSES["vanilla"](logits) == GEN_LOSSES["hinge"](logits)
+    assert torch.allclose(non_saturating_g_loss(logits), torch.log1p(torch.exp(-logits)).mean())
+    # unlike the constant slope of -mean D, its gradient is largest where the discriminator rejects the fake
     x = logits.clone().requires_grad_(True)
-    vanilla_g_loss(x).backward()
+    non_saturating_g_loss(x).backward()
     assert x.grad[0].abs() > x.grad[1].abs() > x.grad[2].abs()
 
 
