@@ -90,5 +90,7 @@ def test_bad_requests_name_the_fix(run, tmp_path):
         run_align_analysis(_cfg(run, tmp_path, "times=[1.5]"))
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         run_align_analysis(_cfg(tmp_path / "empty", tmp_path))
-    with pytest.raises(Exception, match="timez"):  # the schema refuses a key it does not have
-        _cfg(run, tmp_path, "+timez=[0.5]")
+    with pytest.raises(Exception, match="timez"):  # a misspelt key
+        _cfg(run, tmp_path, "timez=[0.5]")
+    with pytest.raises(Exception, match="num_items"):  # the schema types every key
+        _cfg(run, tmp_path, "num_items=many")
