@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from vision.fid import (
     GaussianStats,
     InceptionMetrics,
-    ReferenceStats,
     fid_from_stats,
     inception_features,
     inception_score,
@@ -210,24 +209,16 @@ def test_reference_npz_round_trip_and_adm_layout(weights, tmp_path):
         load_reference(tmp_path / "bad.npz")
 
 
-def test_inception_metrics_against_itself_and_a_shifted_set(weights, tmp_path):
+def test_inception_metrics_of_a_set_against_its_own_reference_file(weights, tmp_path):
+    """Each Fréchet distance at 2048 dimensions costs seconds on one thread: two here, two in the task test."""
     real = _images(3, 24, seed=4)
-    metrics = InceptionMetrics(weights, batch_size=3)
-    same = metrics(real, real)
+    ref = reference_from_images(load_inception(weights), real)
+    save_reference(tmp_path / "ref.npz", ref)
+    same = InceptionMetrics(weights, reference=tmp_path / "ref.npz", batch_size=3)(real)
     assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["sfid"] == pytest.approx(0.0, abs=1e-6)
     assert same["inception_score"] >= 1.0
-    other = metrics(-real, real)
-    assert other["fid"] > 1e-3 and other["sfid"] > 1e-3
-    save_reference(tmp_path / "ref.npz", ReferenceStats(*_ref_parts(weights, real)))
-    from_file = InceptionMetrics(weights, reference=tmp_path / "ref.npz", batch_size=3)(-real)
-    assert from_file["fid"] == pytest.approx(other["fid"], rel=1e-9)
     with pytest.raises(ValueError, match="needs real images"):
-        metrics(real)
-
-
-def _ref_parts(weights, real):
-    ref = reference_from_images(load_inception(weights), real)
-    return ref.pool, ref.spatial
+        InceptionMetrics(weights, batch_size=3)(real)
 
 
 def test_vision_flow_task_reports_fid_with_a_weights_file(weights, tmp_path):
@@ -247,8 +238,8 @@ def test_vision_flow_task_reports_fid_with_a_weights_file(weights, tmp_path):
     task = VisionFlowTask(
         model, teacher=teacher, eval_samples=4, eval_batch=4, sample_steps=2, inception_path=str(weights)
     )
-    metrics = task.evaluate(data, tmp_path, step=3)
-    assert {"fid", "sfid", "inception_score"} <= set(metrics) and metrics["fid"] > 0
+    metrics = task.evaluate(data, tmp_path, step=3)  # against the held-out images (no reference file)
+    assert {"fid", "sfid", "inception_score"} <= set(metrics) and metrics["fid"] > 0 and metrics["sfid"] > 0
     record = json.loads((tmp_path / "eval" / "metrics_step_00000003.json").read_text())
     assert record["fid"] == pytest.approx(metrics["fid"])
     with pytest.raises(FileNotFoundError, match="pt_inception"):
