@@ -183,7 +183,9 @@ def train(model: str, seed: int, args, train_sdf: Path, out: Path) -> Path:
     if model == "mace_ff" and args.ff_path:
         overrides.append(f"task.model.path={args.ff_path}")
     t0 = time.perf_counter()
-    run_train(compose("train", overrides))
+    result = run_train(compose("train", overrides))
+    if result.get("interrupted"):  # a signal stopped it: not done (a rerun resumes from its checkpoint)
+        sys.exit(result.get("exit_code") or 143)
     _write(out / "results" / f"train_{model}_s{seed}.json", {"seconds": time.perf_counter() - t0, "steps": args.steps})
     return run
 
