@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from unirep.intermediates import feature_take_indices, normalize_index
 from unirep.nn import timestep_embedding
 from unirep.tokens import TokenSet
-from vision.models.sit import LabelEmbedder, check_labels, patchify, unpatchify
+from vision.models.sit import LabelEmbedder, SiT, check_labels, patchify, unpatchify
 
 __all__ = [
     "DDT",
@@ -245,12 +245,8 @@ class DDT(nn.Module):
         normalize_index(index, self.num_layers, "DDT")
         return self.hidden_size
 
-    def sample_label_drop(self, y: Tensor | None) -> Tensor | None:
-        """The training-time label-dropout mask ``[B]`` (as :meth:`vision.models.sit.SiT.sample_label_drop`)."""
-        emb = self.y_embedder
-        if y is None or emb is None or not self.training or emb.dropout_prob <= 0:
-            return None
-        return torch.rand(y.shape[0], device=y.device) < emb.dropout_prob
+    # the training-time label-dropout mask [B]: SiT's (it reads only self.y_embedder and self.training)
+    sample_label_drop = SiT.sample_label_drop
 
     def _t_emb(self, t: Tensor) -> Tensor:
         freq = timestep_embedding(t.float().reshape(-1), 256, max_period=10.0)  # DDT: max_period 10
